@@ -97,7 +97,8 @@ def test_no_registry_banned_patterns():
             continue
         text = path.read_text()
         assert not re.search(r"^\s*(eval|exec)\(", text, re.M), path
-        assert not re.search(r"pip\s+install", text) or path.parts[-2] == "tests" or "tests" in path.parts, path
+        # no run-time package installation (registry rule); mentioning "pip install" in a message is fine
+        assert not re.search(r"subprocess[^\n]*pip|['\"]pip['\"]\s*,\s*['\"]install", text), path
         for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
             assert "weights_only=True" in m.group(1), f"{path}: {m.group(0)}"
 
