@@ -162,6 +162,19 @@ def test_tiny_files_load_with_detected_config(tiny_files):
     assert torch.equal(w, ref["model.diffusion_model.input_blocks.0.0.weight"].float())
 
 
+def test_tiny_files_load_into_a_complete_model(tiny_files):
+    model = load_supir(*tiny_files, dtype=torch.bfloat16)
+    assert model.vae is not None and model.vae.denoise_encoder is not None and model.text is not None
+    assert model.scale_factor == pytest.approx(0.13025)
+    cond = model.text.encode(["a photo of a cat"])
+    assert cond["crossattn"].shape == (1, 77, TINY_UNET["context_dim"])
+    assert cond["vector"].shape == (1, TINY_UNET["adm_in_channels"])
+    with torch.no_grad():
+        z = model.vae.encode_lq(torch.zeros(1, 3, 64, 96))  # latent sides must be multiples of 4
+        out = model.denoiser(torch.randn_like(z), 2.0, cond, z, 1.0)
+    assert out.shape == z.shape and torch.isfinite(out).all()
+
+
 def test_comfyui_style_state_dicts_and_stray_keys(tiny_files):
     sdxl, supir = tiny_state_dicts(seed=3)
     comfy = {k[len("model."):]: v.half() for k, v in sdxl.items()}  # ComfyUI MODEL: diffusion_model.*
