@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from photo_restoration.supir.control import LightGLVUNet, SupirDiffusion
 from photo_restoration.supir.denoiser import ddpm_sigmas, quantize_sigma
 from photo_restoration.supir.loader import (build_diffusion, detect_adapter_config, detect_unet_config, load_diffusion,
-                                            load_supir, read_state_dict)
+                                            load_supir, read_state_dict, sdxl_state_dict_from_comfy)
+from photo_restoration.supir.text import sgm_to_comfy_clip
 from photo_restoration.supir.unet import SDXL_CONFIG
 from photo_restoration.testing.tiny_supir import TINY_ADAPTER, TINY_UNET, tiny_state_dicts, write_tiny_supir
 
@@ -173,6 +174,19 @@ def test_tiny_files_load_into_a_complete_model(tiny_files):
         z = model.vae.encode_lq(torch.zeros(1, 3, 64, 96))  # latent sides must be multiples of 4
         out = model.denoiser(torch.randn_like(z), 2.0, cond, z, 1.0)
     assert out.shape == z.shape and torch.isfinite(out).all()
+
+
+def test_model_from_comfyui_model_vae_and_clip_state_dicts(tiny_files):
+    full = read_state_dict(tiny_files[0])
+    unet = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.diffusion_model.")}
+    vae = {k[len("first_stage_model."):]: v for k, v in full.items() if k.startswith("first_stage_model.")}
+    clip = sgm_to_comfy_clip({k[len("conditioner.embedders."):]: v for k, v in full.items()
+                              if k.startswith("conditioner.embedders.")})
+    model = load_supir(sdxl_state_dict_from_comfy(unet, vae, clip), tiny_files[1])
+    ref = load_supir(*tiny_files)
+    for a, b in [(model.diffusion, ref.diffusion), (model.vae, ref.vae), (model.text, ref.text)]:
+        for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(p, q), n
 
 
 def test_comfyui_style_state_dicts_and_stray_keys(tiny_files):
