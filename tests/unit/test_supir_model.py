@@ -260,6 +260,16 @@ def test_truncated_and_incomplete_files_name_what_is_missing(tmp_path, tiny_file
         load_supir(sdxl_path, ckpt, with_vae=False)
 
 
+def test_unknown_extra_weights_are_refused_but_a_merged_file_loads(tmp_path, tiny_files):
+    sdxl, supir = tiny_state_dicts(seed=1)
+    odd = dict(sdxl, **{"model.diffusion_model.input_blocks.1.2.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"odd\.safetensors.*unexpected.*input_blocks\.1\.2\.weight"):
+        load_diffusion(_write(tmp_path, "odd.safetensors", odd), tiny_files[1])
+    merged = _write(tmp_path, "merged.safetensors", {**sdxl, **supir})  # SDXL + SUPIR in one file
+    model, _ = load_diffusion(merged, merged)
+    assert not any(p.is_meta for p in model.parameters())
+
+
 def test_official_ckpt_pickle_loads_like_safetensors(tmp_path, tiny_files):
     supir = read_state_dict(tiny_files[1])
     ckpt = tmp_path / "SUPIR-v0Q.ckpt"
