@@ -257,6 +257,16 @@ def test_comfyui_clip_layout_round_trip(tiny_text):
     assert torch.equal(a["crossattn"], b["crossattn"]) and torch.equal(a["vector"], b["vector"])
 
 
+def test_size_embedding_width():
+    sd = relative(tiny_text_state_dict(0), "conditioner.embedders.")
+    assert T.build_text_conditioner(sd).size_embed_dim == 16  # tiny default: pooled 32 // 2
+    cond = T.build_text_conditioner(sd, adm_in_channels=32 + 6 * 8)
+    assert cond.encode("x")["vector"].shape == (1, 80)
+    with pytest.raises(ValueError):
+        cond.match_adm(33)
+    assert T.default_size_embed_dim(1280) == 256
+
+
 def test_text_conditioner_absent_or_broken():
     assert T.build_text_conditioner({}) is None
     sd = relative(tiny_text_state_dict(0), "conditioner.embedders.")
