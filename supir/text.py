@@ -42,7 +42,7 @@ def _open_clip_tokenizer_module():
         return sys.modules["open_clip.tokenizer"]
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("open-clip-torch is required for the SDXL tokeniser (pip install open-clip-torch)")
+        raise ImportError("the SDXL tokeniser needs the open-clip-torch package (see requirements.txt)")
     path = next(iter(spec.submodule_search_locations)) + "/tokenizer.py"
     mod_spec = importlib.util.spec_from_file_location("_photo_restoration_open_clip_tokenizer", path)
     module = importlib.util.module_from_spec(mod_spec)
