@@ -130,7 +130,7 @@ def _quantization_config(quantization: str, dtype: torch.dtype, device: torch.de
         raise ValueError(f"Unknown quantization '{quantization}'; choose one of {', '.join(QUANTIZATIONS)}.")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError(f"{quantization} quantization needs the 'bitsandbytes' package, which is not installed "
-                           f"in this Python (add it to the Python that runs ComfyUI), or choose quantization 'none' otherwise.")
+                           f"in this Python (add it to the Python that runs ComfyUI), or choose quantization 'none'.")
     if device.type != "cuda":
         raise RuntimeError(f"{quantization} quantization (bitsandbytes) needs a CUDA GPU; the compute device is "
                            f"'{device}'. Choose quantization 'none'.")
