@@ -11,8 +11,8 @@ from ..supir.caption import (
     caption_tiles,
     generation_memory,
     load_llava,
+    tile_crops,
 )
-from ..supir.tiles import pixel_windows
 from .comfy import (
     Managed,
     Progress,
@@ -151,12 +151,11 @@ class LlavaCaption:
                                    max_new_tokens=max_new_tokens, seed=seed, preprocess=preprocess,
                                    short_side=short_side, template=template)
         pictures = image_to_bchw(image)
-        b, _, h, w = pictures.shape
-        per_picture = len(pixel_windows(h, w, tile_size, tile_stride)) if tile_size else 1
+        per_picture = len(tile_crops(pictures[0], tile_size, tile_stride)) if tile_size else 1
         managed_here = llava.patcher is not None or llava.model.quantization == "none"
         model = load(llava, generation_memory(llava.model, settings)) if managed_here else llava.model
         try:
-            with Progress(b * per_picture, "LLaVA captions") as progress:
+            with Progress(len(pictures) * per_picture, "LLaVA captions") as progress:
                 if tile_size:
                     captions = caption_tiles(model, pictures, tile_size, tile_stride, settings, progress)
                 else:

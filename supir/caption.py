@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
-from .tiles import pixel_windows
+from .tiles import LATENT_SCALE, pixel_windows
 
 DEFAULT_QUESTION = "Describe this image and its style in a very detailed manner."
 LLAVA15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -180,6 +180,7 @@ def build_prompt(processor: Any, question: str, template: str = "") -> str:
     """The text fed with one picture: an explicit ``{question}`` template, else the folder's chat
     template, else the LLaVA-1.5 conversation (what llava-hf's 1.5 chat template also yields)."""
     if template:
+        template = template.replace("\\n", "\n")  # a typed backslash-n in a one-line widget
         if "<image>" not in template:
             template = "<image>\n" + template
         return template.replace("{question}", question)
@@ -309,7 +310,7 @@ def _caption_all(llava: Llava, pictures: list, settings: CaptionSettings, callba
             callbacks.check_interrupt()
         captions.append(caption_one(llava, picture, settings, callbacks))
         if callbacks is not None:
-            callbacks.progress(i + 1, len(pictures))
+            callbacks.progress(i + 1, len(pictures), picture)  # the picture or tile just described
     return captions
 
 
@@ -320,11 +321,16 @@ def caption_images(llava: Llava, images: torch.Tensor | Sequence[Image.Image], s
 
 
 def tile_crops(image: torch.Tensor | Image.Image, tile: int, stride: int) -> list:
-    """The tiles of one picture in the tiled sampler's order (:func:`..tiles.pixel_windows`)."""
+    """The tiles of one picture in the tiled sampler's order (:func:`..tiles.pixel_windows`); a
+    picture under 8 pixels on a side (no latent pixel) is one tile."""
     if isinstance(image, Image.Image):
         w, h = image.size
+        if min(h, w) < LATENT_SCALE:
+            return [image]
         return [image.crop((w0, h0, w1, h1)) for h0, h1, w0, w1 in pixel_windows(h, w, tile, stride)]
     h, w = image.shape[-2:]
+    if min(h, w) < LATENT_SCALE:
+        return [image]
     return [image[..., h0:h1, w0:w1] for h0, h1, w0, w1 in pixel_windows(h, w, tile, stride)]
 
 
@@ -339,9 +345,12 @@ def caption_tiles(llava: Llava, images: torch.Tensor | Sequence[Image.Image], ti
     return _caption_all(llava, crops, settings or CaptionSettings(), callbacks)
 
 
-def generation_memory(llava: Llava, settings: CaptionSettings, prompt_tokens: int = 3000) -> int:
+def generation_memory(llava: Llava, settings: CaptionSettings, prompt_tokens: int | None = None) -> int:
     """A generous estimate (bytes) of what one caption needs beyond the weights: the KV cache for
-    the image + prompt + new tokens, the vision tower's activations and a margin."""
+    the image + prompt + new tokens (LLaVA-1.5: 576 image tokens; NeXT: up to ~2900), the vision
+    tower's activations and a margin."""
+    if prompt_tokens is None:
+        prompt_tokens = 700 if llava.family == "llava" else 3000
     text_cfg = getattr(llava.model.config, "text_config", llava.model.config)
     hidden = getattr(text_cfg, "hidden_size", 4096)
     layers = getattr(text_cfg, "num_hidden_layers", 32)

@@ -101,6 +101,11 @@ def test_per_tile_mode_gives_one_caption_per_tile_in_sampler_order(llava):
     assert captions == expected
 
 
+def test_pictures_smaller_than_a_latent_pixel_are_one_tile():
+    assert len(cap.tile_crops(torch.rand(3, 6, 40), 16, 8)) == 1
+    assert len(cap.tile_crops(torch.rand(3, 16, 40), 16, 8)) == len(pixel_windows(16, 40, 16, 8)) == 4
+
+
 def test_pad_to_square_keeps_the_whole_picture():
     wide = Image.new("RGB", (100, 50), (255, 0, 0))
     padded = cap.prepare_image(wide, "pad", short_side=50, fill=(0.0, 0.0, 1.0))
@@ -127,6 +132,7 @@ def test_llava_15_folder_without_chat_template_uses_the_official_conversation(ll
     assert cap.build_prompt(llava.model.processor, cap.DEFAULT_QUESTION) == \
         "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"
     assert cap.build_prompt(None, "q", "Q: {question} A:") == "<image>\nQ: q A:"
+    assert cap.build_prompt(None, "q", "USER: <image>\\n{question} ASSISTANT:") == "USER: <image>\nq ASSISTANT:"
 
 
 def test_captions_are_cleaned():
