@@ -272,7 +272,7 @@ def caption_one(llava: Llava, image: torch.Tensor | Image.Image, settings: Capti
     inputs = processor(images=[picture], text=[prompt], return_tensors="pt")
     device, dtype = llava.compute_device, llava.compute_dtype
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()
-              if isinstance(v, torch.Tensor)}
+              if isinstance(v, torch.Tensor) and k != "token_type_ids"}  # LLaVA takes no token types
     tokenizer = processor.tokenizer
     gen: dict[str, Any] = {"max_new_tokens": int(settings.max_new_tokens), "num_beams": 1, "use_cache": True}
     if settings.temperature > 0:

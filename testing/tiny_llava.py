@@ -44,7 +44,8 @@ def tiny_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", additional_special_tokens=["<image>"])
+                                   pad_token="<pad>", additional_special_tokens=["<image>"],
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def _configs(vocab_size: int, hidden: int, layers: int, image_size: int, patch: int):
