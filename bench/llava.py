@@ -3,7 +3,7 @@
     python bench/llava.py                                   # tiny test model
     python bench/llava.py --hidden 1024 --layers 8 --image-size 336 --patch 14 --vocab 32064
     python bench/llava.py --folder /path/to/models/LLM/llava-1.5-7b-hf --dtype fp16 --tokens 128
-    python bench/llava.py --tile 512 --stride 256 --size 1024 768   # one caption per tile
+    python bench/llava.py --tile 512 --stride 256 --size 1024 768 --batch-size 4   # one caption per tile
 
 The random model goes through the same save -> ``load_llava`` -> ``caption_*`` path the nodes use.
 Peak memory is the process's peak resident memory on the CPU, and torch's peak allocation on CUDA.
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="max_new_tokens")
     p.add_argument("--tile", type=int, default=0, help="tile size in pixels (0: whole picture)")
     p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=1, help="pictures/tiles per generate call")
     p.add_argument("--preprocess", default="crop", choices=["crop", "pad"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in llava.model.parameters())
     w, h = args.size
     pictures = torch.rand(args.batch, 3, h, w, generator=torch.Generator().manual_seed(0))
-    settings = CaptionSettings(max_new_tokens=args.tokens, preprocess=args.preprocess)
+    settings = CaptionSettings(max_new_tokens=args.tokens, preprocess=args.preprocess, batch_size=args.batch_size)
 
     def run() -> list[str]:
         with torch.inference_mode():
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {'folder ' + str(args.folder) if args.folder else args.family} {params / 1e6:.2f} M params, "
           f"{args.dtype} on {device}, load {load_s:.2f} s")
     print(f"{len(captions)} caption(s) of {w}x{h} ({'tiles ' + str(args.tile) + '/' + str(args.stride) if args.tile else 'whole'}),"
-          f" up to {args.tokens} tokens (mean {words:.1f} words): {per_caption:.3f} s per caption; {peak}")
+          f" batch size {args.batch_size}, up to {args.tokens} tokens (mean {words:.1f} words; a random model's "
+          f"ids beyond the tiny tokenizer's words decode to nothing): {per_caption:.3f} s per caption; {peak}")
     return 0
 
 

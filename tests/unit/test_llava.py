@@ -81,6 +81,20 @@ def test_greedy_decoding_ignores_the_seed(llava):
     assert run(llava, x, temperature=0.0, seed=1)[0] == run(llava, x, temperature=0.0, seed=2)[0]
 
 
+def test_batched_generation_matches_one_by_one_when_greedy(llava, llava_next):
+    x = images(3)
+    assert run(llava, x, temperature=0.0, batch_size=2)[0] == run(llava, x, temperature=0.0)[0]
+    # LLaVA-NeXT: pictures of other shapes give prompts of other lengths, left-padded in the group
+    pictures = [Image.new("RGB", (64, 32), (200, 30, 30)), Image.new("RGB", (40, 40), (30, 30, 200)),
+                Image.new("RGB", (20, 60), (30, 200, 30))]
+    settings = cap.CaptionSettings(max_new_tokens=6, temperature=0.0, short_side=0)
+    with torch.inference_mode():
+        one_by_one = cap.caption_images(llava_next.model, pictures, settings)
+        settings.batch_size = 3
+        grouped = cap.caption_images(llava_next.model, pictures, settings)
+    assert grouped == one_by_one
+
+
 def test_the_input_image_is_not_modified(llava):
     x = images(2)
     before = x.clone()
