@@ -14,9 +14,10 @@ pads the picture to a square instead (LLaVA's ``expand2square``) so the whole fr
 
 By default each picture is captioned on its own with the generator re-seeded, so a caption depends
 only on the picture and the settings, never on its position in a batch; ``batch_size`` > 1 captions
-several pictures per ``generate`` call (faster on a GPU, sampled captions then depend on the group). :func:`caption_tiles` cuts every
-picture with :func:`..tiles.pixel_windows` (the tiled sampler's grid and order) and captions each
-tile, so the list lines up with the sampler's per-tile conditioning.
+several pictures per ``generate`` call (faster on a GPU; sampled captions then depend on the group).
+:func:`caption_tiles` cuts every picture with :func:`..tiles.pixel_windows` (the tiled sampler's
+grid and order) and captions each tile, so the list lines up with the sampler's per-tile
+conditioning.
 """
 from __future__ import annotations
 

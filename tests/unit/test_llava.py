@@ -231,3 +231,11 @@ def test_memory_estimate_grows_with_the_group_and_the_caption_length(llava):
     base = cap.generation_memory(llava.model, cap.CaptionSettings())
     assert cap.generation_memory(llava.model, cap.CaptionSettings(batch_size=4)) > base
     assert cap.generation_memory(llava.model, cap.CaptionSettings(max_new_tokens=2048)) > base
+
+
+def test_incomplete_folder_is_a_clear_error(models_dir, tmp_path):
+    broken = tmp_path / "llava-broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((models_dir / "LLM" / "llava-tiny" / "config.json").read_text())
+    with pytest.raises(ValueError, match="llava-broken"):
+        cap.load_llava(broken, torch.float32)
