@@ -332,7 +332,7 @@ class CodeFormer(nn.Module):
         return self.idx_pred_layer(x)
 
     def decode(self, quant: Tensor, enc_feats: dict[str, Tensor], w: float | Tensor = 0.0) -> Tensor:
-        """Generator from codebook features, fusing encoder features with fidelity ``w`` (skipped when all w == 0)."""
+        """Generator from codebook features, fusing encoder features with fidelity ``w`` (skipped when no w > 0)."""
         weight = _fidelity(w, quant.shape[0], quant)
         fuse = {i: r for r, i in self.generator.taps.items() if r in self.fuse_convs_dict} if weight is not None else {}
         x = quant
@@ -348,8 +348,8 @@ class CodeFormer(nn.Module):
         """Restore faces ``x`` (B, 3, 512, 512) RGB in [-1, 1]; returns the raw (unclamped) output image, or with
         ``return_codes`` a :class:`CodeFormerOutput` (out, logits, lq_feat, code_idx).
 
-        ``w`` (fidelity) is a number or a tensor with one value per batch element; 0 decodes the predicted codes
-        only, larger values pull the result towards the input.
+        ``w`` (fidelity) is a number or a tensor with one value per batch element; 0 (or less) decodes the predicted
+        codes only, larger values pull the result towards the input (trained with 1 and 1.3; UIs offer 0..1).
         """
         fusing = _fidelity(w, x.shape[0], x) is not None
         lq_feat, enc_feats = self.encode(x, keep_features=fusing)
@@ -365,15 +365,17 @@ class CodeFormer(nn.Module):
 
 
 def _fidelity(w: float | Tensor, batch: int, like: Tensor) -> float | Tensor | None:
-    """``w`` as a python float or a (B, 1, 1, 1) tensor; None when every value is 0 (fusion skipped)."""
+    """``w`` as a python float or a (B, 1, 1, 1) tensor; None when no value is > 0 (fusion skipped).
+
+    As in the reference (``if w > 0``), a fidelity <= 0 means no fusion: negative values count as 0."""
     if not isinstance(w, Tensor):
         w = float(w)
-        return w if w != 0 else None
+        return w if w > 0 else None
     if w.numel() == 1:
         value = float(w.reshape(()).item())
-        return value if value != 0 else None
+        return value if value > 0 else None
     if w.numel() != batch:
         raise ValueError(f"w has {w.numel()} values for a batch of {batch}")
-    if not bool((w != 0).any()):
+    if not bool((w > 0).any()):
         return None
-    return w.reshape(batch, 1, 1, 1).to(device=like.device, dtype=like.dtype)
+    return w.reshape(batch, 1, 1, 1).clamp(min=0).to(device=like.device, dtype=like.dtype)

@@ -160,11 +160,12 @@ def test_w_zero_decodes_the_codes_alone_and_w_scales_the_fusion(micro, micro_sd,
         assert (w1 - w0).abs().mean() > 1e-2  # the encoder features pull the result at w == 1
         assert not torch.equal(micro(faces, w=0.5), w1)
         assert torch.equal(micro(faces, w=torch.tensor(0.0)), w0)
+        assert torch.equal(micro(faces, w=-0.5), w0)  # like the reference's `if w > 0`
 
 
 def test_per_sample_w_equals_separate_scalar_runs(micro, faces):
     with torch.inference_mode():
-        batched = micro(faces, w=torch.tensor([0.0, 0.7]))
+        batched = micro(faces, w=torch.tensor([-1.0, 0.7]))  # <= 0: no fusion for that face
         singles = [micro(faces[i:i + 1], w=w) for i, w in enumerate((0.0, 0.7))]
     assert torch.allclose(batched, torch.cat(singles), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="3 values for a batch of 2"):
