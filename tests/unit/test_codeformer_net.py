@@ -215,3 +215,17 @@ def test_tiny_writer_makes_an_official_style_file_for_512_faces(tmp_path):
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, 512, 512), w=0.0)
     assert out.shape == (1, 3, 512, 512) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("config", [
+    {"nf": 32, "ch_mult": [1, 1, 2, 2, 1, 2], "dim_embd": 48, "dim_mlp": 96, "n_layers": 3, "codebook_size": 40,
+     "connect_list": ["32", "64", "128"]},
+    {"nf": 64, "ch_mult": [1, 1, 1], "img_size": 64, "res_blocks": 1, "attn_resolutions": [16, 32], "emb_dim": 8,
+     "connect_list": ["16", "64"], "n_layers": 0},
+])
+def test_detect_config_recovers_other_configurations(config):
+    model = build_codeformer({**TINY_CONFIG, **config})
+    sd = {k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}
+    detected = detect_config(sd)
+    assert {k: detected[k] for k in config} == config
+    assert list(build_codeformer(detected).state_dict()) == list(sd)
