@@ -1,0 +1,596 @@
+"""What the SUPIR nodes share: the model handle, presets, sizes, prompts and error messages.
+
+Thin glue between ComfyUI's data (IMAGE [B,H,W,C] in 0..1, unscaled LATENT dicts, STRING lists)
+and the pack's SUPIR code in ``supir/`` (images in [-1, 1], latents scaled by 0.13025). The SUPIR
+imports are done inside the functions so the node modules import even where a part is missing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import comfy
+
+SCALE_FACTOR = 0.13025  # SDXL latent scale: ComfyUI LATENT = scaled latent / SCALE_FACTOR
+SIZE_KEY = "photorestore_size"  # LATENT extra key: (height, width) of the image the latent stands for
+MIN_SIDE = 16  # smallest input side the first stage accepts (pixels)
+
+# The official gradio prompts (SUPIR gradio_demo.py / options/SUPIR_v0.yaml `p_p`, `n_p`).
+OFFICIAL_POSITIVE = (
+    "Cinematic, High Contrast, highly detailed, taken using a Canon EOS R camera, hyper detailed photo - "
+    "realistic maximum detail, 32k, Color Grading, ultra HD, extreme meticulous detailing, skin pore detailing, "
+    "hyper sharpness, perfect without deformations."
+)
+OFFICIAL_NEGATIVE = (
+    "painting, oil painting, illustration, drawing, art, sketch, oil painting, cartoon, CG Style, 3D render, "
+    "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg "
+    "artifacts, deformed, lowres, over-smooth"
+)
+
+SAMPLERS = {"EDM": "edm", "DPM++ 2M SDE": "dpmpp_2m_sde"}
+COLOR_FIXES = ("Wavelet", "AdaIN", "None")
+CAPTION_MODES = ("official: caption + positive, cut at 77 tokens", "keep positive: caption fills the remaining tokens")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Every knob of the SUPIR sampler (names as in the official code)."""
+
+    sampler: str = "edm"  # "edm" | "dpmpp_2m_sde"
+    steps: int = 50
+    seed: int = 0
+    cfg_scale_start: float = 4.0  # at sigma_max
+    cfg_scale: float = 7.5  # at sigma 0 (the official `s_cfg`)
+    control_scale_start: float = 1.0
+    control_scale: float = 1.0
+    restore_cfg: float = -1.0
+    restore_cfg_s_tmin: float = 0.05
+    s_churn: float = 5.0
+    s_noise: float = 1.003
+    eta: float = 1.0
+    tiled: bool = False
+    tile_size: int = 1024  # image pixels
+    tile_stride: int = 512  # image pixels
+    tile_batch_size: int = 4
+
+
+# Official presets (research notes section 8): gradio "Quality" / "Fidelity" resets and the Lightning YAML.
+PRESETS: dict[str, SamplerSettings] = {
+    "Quality": SamplerSettings(sampler="edm", steps=50, cfg_scale_start=4.0, cfg_scale=7.5, s_churn=5, s_noise=1.003),
+    "Fidelity": SamplerSettings(sampler="edm", steps=50, cfg_scale_start=1.0, cfg_scale=4.0, s_churn=5, s_noise=1.003),
+    "Lightning": SamplerSettings(sampler="dpmpp_2m_sde", steps=8, cfg_scale_start=2.0, cfg_scale=1.5, s_churn=5,
+                                 s_noise=1.003, eta=1.0),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The model handle (PHOTORESTORE_SUPIR)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SupirHandle:
+    """What ``PHOTORESTORE_SUPIR`` carries: the loaded model and its parts under memory management.
+
+    ``model`` is a ``supir.loader.SupirModel`` whose weights wait on the offload device; the
+    ``Managed`` parts are brought to the compute device with :func:`comfy.load` before use.
+    """
+
+    model: Any
+    diffusion: comfy.Managed
+    vae: comfy.Managed
+    text: comfy.Managed | None
+    name: str = "SUPIR"
+    info: dict = field(default_factory=dict)
+
+
+def make_handle(model: Any, name: str, **info: Any) -> SupirHandle:
+    """Put the three parts of a loaded SupirModel under the host's memory management."""
+    text = comfy.manage(model.text) if getattr(model, "text", None) is not None else None
+    return SupirHandle(model, comfy.manage(model.diffusion), comfy.manage(model.vae), text, name, dict(info))
+
+
+def dtype_of(module: torch.nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The floating dtype computations should run in for ``module`` (fp8 storage computes in bf16)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            if p.dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)):
+                return torch.bfloat16
+            return p.dtype
+    return default
+
+
+def load_supir_files(sdxl: Any, supir: Any, weight_dtype: str, vae_dtype: str, name: str) -> SupirHandle:
+    """Load SDXL + SUPIR (paths or state dicts) into a handle; dtype names as in the loader nodes."""
+    from ..supir.loader import load_supir
+
+    device = comfy.torch_device()
+    dtype = comfy.pick_dtype(weight_dtype, device, allow=("bf16", "fp16", "fp32"))
+    vdtype = comfy.pick_dtype(vae_dtype, device, allow=("bf16", "fp32"))
+    model = load_supir(sdxl, supir, dtype=dtype, vae_dtype=vdtype, device=comfy.offload_device())
+    return make_handle(model, name, dtype=str(dtype), vae_dtype=str(vdtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sizes:
+    """Output size (exactly round(input x upscale)) and the internal processing size (multiples of ``multiple``)."""
+
+    out_h: int
+    out_w: int
+    proc_h: int
+    proc_w: int
+
+
+def plan_sizes(h: int, w: int, upscale: float = 1.0, min_short_side: int = 0, multiple: int = 64) -> Sizes:
+    """The official size rule: scale by ``upscale``; raise the short side to ``min_short_side`` (0 = off);
+    round each side to the nearest multiple of ``multiple`` (at least one multiple).
+
+    The result is resized back to ``round(h * upscale) x round(w * upscale)`` afterwards.
+    """
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"The image is too small for SUPIR: {w}x{h} px; each side needs at least {MIN_SIDE} px.")
+    out_h, out_w = max(1, round(h * upscale)), max(1, round(w * upscale))
+    boost = 1.0
+    if min_short_side and min(out_h, out_w) < min_short_side:
+        boost = min_short_side / min(out_h, out_w)
+    proc_h = max(multiple, int(round(out_h * boost / multiple)) * multiple)
+    proc_w = max(multiple, int(round(out_w * boost / multiple)) * multiple)
+    return Sizes(out_h, out_w, proc_h, proc_w)
+
+
+def resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Bicubic resize of a [B,C,H,W] image (antialiased when shrinking); a new tensor, never the input."""
+    if tuple(x.shape[-2:]) == (h, w):
+        return x.clone()
+    shrink = h < x.shape[-2] or w < x.shape[-1]
+    return F.interpolate(x.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=shrink)
+
+
+# --------------------------------------------------------------------------------------------
+# LATENT conventions
+# --------------------------------------------------------------------------------------------
+
+def latent_dict(z_scaled: torch.Tensor, size: tuple[int, int] | None = None) -> dict:
+    """A ComfyUI LATENT from a scaled SUPIR latent: ``samples`` unscaled (core convention)."""
+    out = {"samples": (z_scaled.float() / SCALE_FACTOR).to(comfy.intermediate_device())}
+    if size is not None:
+        out[SIZE_KEY] = (int(size[0]), int(size[1]))
+    return out
+
+
+def scaled_latent(latent: dict) -> torch.Tensor:
+    """The scaled latent SUPIR samples in, from any LATENT (ours or core's): samples x 0.13025."""
+    z = latent["samples"]
+    if z.ndim != 4 or z.shape[1] != 4:
+        raise ValueError(f"SUPIR needs a 4-channel SDXL latent [B,4,h,w]; got a latent of shape {tuple(z.shape)}.")
+    return z.float() * SCALE_FACTOR
+
+
+def latent_size(latent: dict) -> tuple[int, int]:
+    """The image size a LATENT stands for: our recorded size, else 8x the latent."""
+    if SIZE_KEY in latent:
+        return tuple(latent[SIZE_KEY])
+    return latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts and captions
+# --------------------------------------------------------------------------------------------
+
+_TOKENIZER = None
+
+
+def _tokenizer():
+    global _TOKENIZER  # a pure-text BPE vocabulary, not a model: safe to keep per process
+    if _TOKENIZER is None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        _TOKENIZER = SimpleTokenizer()
+    return _TOKENIZER
+
+
+def join_prompt(caption: str, positive: str, mode: str = CAPTION_MODES[0], budget: int = 75) -> str:
+    """The positive text for one image or tile.
+
+    Official: ``caption + positive`` with no separator (the text encoders then cut at 77 tokens, so
+    a long caption pushes the positive prompt out). "keep positive": the positive prompt is kept
+    whole and the caption is cut to the tokens left (``budget`` = 77 minus start/end tokens).
+    """
+    caption = (caption or "").strip()
+    if not caption:
+        return positive
+    if mode == CAPTION_MODES[0]:
+        return caption + positive
+    tok = _tokenizer()
+    pos_ids = tok.encode(positive) if positive else []
+    room = budget - len(pos_ids) - (1 if positive else 0)
+    if room <= 0:
+        return positive
+    cap_ids = tok.encode(caption)
+    if len(cap_ids) > room:
+        caption = tok.decode(cap_ids[:room]).strip()
+    return f"{caption}, {positive}" if positive else caption
+
+
+def split_captions(values: Sequence[Any] | None) -> list[str]:
+    """Captions from a STRING input seen as a list (INPUT_IS_LIST): a list of strings, one string
+    holding one caption per line, or nothing. Empty entries are dropped."""
+    if values is None:
+        return []
+    flat: list[str] = []
+    for v in values if isinstance(values, (list, tuple)) else [values]:
+        if v is None:
+            continue
+        if isinstance(v, (list, tuple)):
+            flat.extend(str(s) for s in v)
+        else:
+            flat.append(str(v))
+    if len(flat) == 1:
+        flat = flat[0].split("\n")
+    return [s.strip() for s in flat if s.strip()]
+
+
+def encode_prompts(handle: SupirHandle, texts: list[str]) -> dict:
+    """Text conditioning of every prompt: {"crossattn": [N,77,C], "vector": [N,adm], "texts": texts}."""
+    if handle.text is None:
+        raise ValueError("This SUPIR model has no text encoders (the SDXL checkpoint had no `conditioner.` weights); "
+                         "load an SDXL checkpoint that includes CLIP-L and OpenCLIP bigG.")
+    text = comfy.load(handle.text)
+    with torch.inference_mode():
+        cond = text.encode(list(texts))
+    device = comfy.intermediate_device()
+    return {"crossattn": cond["crossattn"].float().to(device), "vector": cond["vector"].float().to(device),
+            "texts": list(texts)}
+
+
+def select_cond(cond: dict, index: int) -> dict:
+    """Entry ``index`` of a conditioning (one per image or tile), or the only one."""
+    n = cond["crossattn"].shape[0]
+    i = 0 if n == 1 else index
+    return {"crossattn": cond["crossattn"][i:i + 1], "vector": cond["vector"][i:i + 1]}
+
+
+def cond_plan(cond: dict, batch: int, tiles: int | None) -> str:
+    """How a conditioning with N entries applies: "shared", "per_image" or "per_tile" (clear error otherwise)."""
+    n = cond["crossattn"].shape[0]
+    if n == 1:
+        return "shared"
+    if n == batch:
+        return "per_image"
+    if tiles is not None and n == tiles:
+        return "per_tile"
+    if tiles is not None and n == tiles * batch:
+        return "per_image_tile"
+    grid = f", or {tiles} per tile" if tiles is not None else " (or turn on tiled sampling for per-tile captions)"
+    raise ValueError(f"The conditioning holds {n} prompts but the batch has {batch} image(s): give 1 prompt, "
+                     f"one per image ({batch}){grid}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Progress, previews and errors
+# --------------------------------------------------------------------------------------------
+
+class Callbacks:
+    """The callbacks object the SUPIR code takes, forwarding to a :class:`comfy.Progress`.
+
+    A preview handed over as a latent ([B,4,h,w], scaled) is turned into a picture with ComfyUI's
+    previewer when one is available and dropped otherwise; steps of several sub-runs (images of a
+    batch) are laid end to end on one bar.
+    """
+
+    def __init__(self, progress: comfy.Progress, preview_fn: Callable | None = None, runs: int = 1):
+        self.bar = progress
+        self.preview_fn = preview_fn
+        self.runs = max(1, runs)
+        self.run = 0
+
+    def progress(self, step: int, total: int, preview: Any = None) -> None:
+        image = None
+        if preview is not None and self.preview_fn is not None:
+            try:
+                if isinstance(preview, torch.Tensor) and preview.ndim == 4 and preview.shape[1] == 4:
+                    image = self.preview_fn(preview.detach())
+                else:
+                    image = preview
+            except Exception:  # a preview is a nicety, never a failure
+                image = None
+        total = max(int(total), 1)
+        self.bar.progress(self.run * total + int(step), self.runs * total, _preview_image(image))
+
+    def check_interrupt(self) -> None:
+        self.bar.check_interrupt()
+
+
+def _preview_image(image: Any) -> Any:
+    # ComfyUI's previewer returns a ("JPEG", PIL image, size) tuple; Progress wants the picture.
+    if isinstance(image, tuple) and len(image) == 3:
+        return image[1]
+    return image
+
+
+def oom_error(exc: BaseException, what: str, h: int, w: int, tiled: bool) -> RuntimeError:
+    """An out-of-memory error users can act on, with numbers."""
+    tips = []
+    if not tiled:
+        tips.append("turn on tiled sampling (tile 1024 px, stride 512 px; tile_batch_size 1 uses least memory)")
+    else:
+        tips.append("lower tile_batch_size to 1 or the tile size to 768 px")
+    tips.append("turn on the tiled VAE (512 px encoder/decoder tiles)")
+    tips.append("load the weights as fp8 in Load SUPIR (about half the memory of fp16)")
+    mp = h * w / 1e6
+    return RuntimeError(f"SUPIR ran out of memory in {what} at {w}x{h} px ({mp:.1f} megapixels). To fit: "
+                        + "; ".join(tips) + f". (Original error: {str(exc).splitlines()[0][:200]})")
+
+
+def with_settings(base: SamplerSettings, **overrides: Any) -> SamplerSettings:
+    """A copy of ``base`` with the non-None overrides applied."""
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def tile_count(lat_h: int, lat_w: int, tile_px: int, stride_px: int) -> int:
+    """How many tiles the sampler uses on a latent of ``lat_h x lat_w``."""
+    from ..supir.tiles import tile_windows
+
+    return len(tile_windows(lat_h, lat_w, max(tile_px // 8, 1), max(stride_px // 8, 1)))
+
+
+def math_isclose(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=0, abs_tol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Calls into the SUPIR code (the only place the nodes reach into supir/)
+# --------------------------------------------------------------------------------------------
+
+def _vae(handle: SupirHandle, pixels: int) -> Any:
+    # activation estimate for the memory manager: ~ a few hundred bytes per pixel for the SDXL VAE
+    return comfy.load(handle.vae, memory_required=int(pixels) * 400)
+
+
+def _vae_tiling(tile_px: int | None, decoder: bool = False) -> dict:
+    if tile_px is None:
+        return {}
+    return {"tile_size": int(tile_px) // 8 if decoder else int(tile_px)}
+
+
+def first_stage(handle: SupirHandle, x: torch.Tensor, enc_tile: int | None, dec_tile: int | None):
+    """(z_lq scaled, x_stage1 in [-1,1]) of an image batch in [-1,1] at processing size."""
+    vae = _vae(handle, x.shape[-1] * x.shape[-2])
+    device, dtype = comfy.torch_device(), dtype_of(vae)
+    with torch.inference_mode():
+        z = vae.encode_lq(x.to(device, dtype), **_vae_tiling(enc_tile))
+        stage1 = vae.decode(z, **_vae_tiling(dec_tile, decoder=True))
+    return z.float(), stage1.float()
+
+
+def vae_encode(handle: SupirHandle, x: torch.Tensor, tile: int | None) -> torch.Tensor:
+    """Scaled latent (posterior mode) of an image batch in [-1,1]."""
+    vae = _vae(handle, x.shape[-1] * x.shape[-2])
+    with torch.inference_mode():
+        z = vae.encode(x.to(comfy.torch_device(), dtype_of(vae)), sample=False, **_vae_tiling(tile))
+    return z.float()
+
+
+def vae_decode(handle: SupirHandle, z: torch.Tensor, tile: int | None) -> torch.Tensor:
+    """Image in [-1,1] (float32, unclamped) of a scaled latent batch."""
+    vae = _vae(handle, z.shape[-1] * z.shape[-2] * 64)
+    with torch.inference_mode():
+        x = vae.decode(z.to(comfy.torch_device(), dtype_of(vae)), **_vae_tiling(tile, decoder=True))
+    return x.float()
+
+
+def _guidance(s: SamplerSettings) -> Any:
+    from ..supir.schedules import Guidance
+
+    return Guidance(cfg_scale=float(s.cfg_scale), cfg_scale_start=float(s.cfg_scale_start),
+                    control_scale=float(s.control_scale),
+                    control_scale_start=None if math_isclose(s.control_scale_start, s.control_scale)
+                    else float(s.control_scale_start),
+                    restore_cfg=float(s.restore_cfg), restore_cfg_s_tmin=float(s.restore_cfg_s_tmin))
+
+
+def _sigmas(denoiser: Any, s: SamplerSettings) -> torch.Tensor:
+    from ..supir import schedules
+
+    table = denoiser.sigmas.float().cpu()
+    return (schedules.edm_sigmas if s.sampler == "edm" else schedules.dpmpp_sigmas)(table, int(s.steps))
+
+
+def _to(cond: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    return {k: cond[k].to(device, dtype) for k in ("crossattn", "vector")}
+
+
+def sample_one(handle: SupirHandle, hint: torch.Tensor, x_center: torch.Tensor | None, cond: dict | list[dict],
+               uncond: dict, s: SamplerSettings, seed: int, callbacks: Any = None) -> torch.Tensor:
+    """Sample one latent [1,4,h,w] (scaled) with the SUPIR sampler; ``cond`` is one dict or one per tile."""
+    from ..supir import samplers, tiled_sampling
+
+    lat_px = hint.shape[-1] * hint.shape[-2]
+    network = comfy.load(handle.diffusion, memory_required=int(lat_px) * 64 * 1024 * (2 if not s.tiled else 1))
+    denoiser = handle.model.denoiser
+    device, dtype = comfy.torch_device(), dtype_of(network)
+    generator = torch.Generator("cpu").manual_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    noise = torch.randn(hint.shape, generator=generator, dtype=torch.float32).to(device)
+    hint = hint.to(device, dtype)
+    x_center = (hint if x_center is None else x_center.to(device, dtype))
+    conds = [_to(c, device, dtype) for c in cond] if isinstance(cond, list) else _to(cond, device, dtype)
+    uncond = _to(uncond, device, dtype)
+    common = dict(x_center=x_center, guidance=_guidance(s), s_noise=float(s.s_noise), callbacks=callbacks)
+    if s.sampler == "edm":
+        common.update(s_churn=float(s.s_churn), noise_source=samplers.gaussian_noise(generator))
+    else:
+        common.update(eta=float(s.eta), seed=int(seed) & 0x7FFFFFFF)
+    sigmas = _sigmas(denoiser, s)
+    with torch.inference_mode():
+        if s.tiled:
+            tiles = dict(tile_size=max(int(s.tile_size) // 8, 1), tile_stride=max(int(s.tile_stride) // 8, 1),
+                         tile_batch_size=int(s.tile_batch_size))
+            fn = (tiled_sampling.tiled_restore_edm_sample if s.sampler == "edm"
+                  else tiled_sampling.tiled_restore_dpmpp_2m_sde_sample)
+            z = fn(denoiser, noise, sigmas, conds, uncond, hint, **common, **tiles)
+        else:
+            if isinstance(conds, list):
+                raise ValueError("Per-tile captions need tiled sampling: turn on 'tiled' in SUPIR Sampler.")
+            fn = samplers.restore_edm_sample if s.sampler == "edm" else samplers.restore_dpmpp_2m_sde_sample
+            z = fn(denoiser, noise, sigmas, conds, uncond, hint, **common)
+    return z.float()
+
+
+def conds_for_image(cond: dict, plan: str, index: int, tiles: int | None) -> dict | list[dict]:
+    """The conditioning of image ``index``: one dict, or a list with one dict per tile."""
+    n = cond["crossattn"].shape[0]
+    if plan == "shared":
+        return select_cond(cond, 0)
+    if plan == "per_image":
+        return select_cond(cond, index)
+    start = 0 if plan == "per_tile" else index * tiles
+    return [select_cond(cond, start + t) for t in range(tiles)] if n > 1 else select_cond(cond, 0)
+
+
+def sample_batch(handle: SupirHandle, hint: torch.Tensor, x_center: torch.Tensor | None, positive: dict,
+                 negative: dict, s: SamplerSettings, progress_desc: str = "SUPIR sampling") -> torch.Tensor:
+    """Sample every image of a scaled control-latent batch (one at a time: bounded memory, per-image prompts).
+
+    Image i uses seed + i. OOM errors come back with advice.
+    """
+    b, _, lh, lw = hint.shape
+    tiles = tile_count(lh, lw, s.tile_size, s.tile_stride) if s.tiled else None
+    plan = cond_plan(positive, b, tiles)
+    uncond = select_cond(negative, 0)
+    out = []
+    with comfy.Progress(b * s.steps, progress_desc) as bar:
+        cb = Callbacks(bar, comfy.latent_preview_fn(), runs=b)
+        for i in range(b):
+            cb.run = i
+            c = conds_for_image(positive, plan, i, tiles)
+            xc = None if x_center is None else x_center[i:i + 1]
+            try:
+                out.append(sample_one(handle, hint[i:i + 1], xc, c, uncond, s, s.seed + i, cb).cpu())
+            except Exception as exc:
+                if comfy.is_oom(exc):
+                    raise oom_error(exc, "sampling", lh * 8, lw * 8, s.tiled) from exc
+                raise
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Colour fix, tiles, the whole restoration
+# --------------------------------------------------------------------------------------------
+
+def color_fix_images(image: torch.Tensor, reference: torch.Tensor, method: str) -> torch.Tensor:
+    """Colour fix of a ComfyUI IMAGE batch against a reference IMAGE (one for all or one per image)."""
+    from ..supir.colorfix import color_fix
+    from .common import bchw_to_image, image_to_bchw
+
+    if method == "None":
+        return image.clone()
+    x, ref = image_to_bchw(image), image_to_bchw(reference)
+    if ref.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"The reference has {ref.shape[0]} images for {x.shape[0]} images: give one, or one per image.")
+    ref = resize(ref, x.shape[-2], x.shape[-1]).expand(x.shape[0], -1, -1, -1)
+    kind = "AdaIn" if method == "AdaIN" else method
+    out = color_fix(x * 2 - 1, ref * 2 - 1, kind)
+    return bchw_to_image((out + 1) / 2)
+
+
+def cut_tiles(x: torch.Tensor, tile_px: int, stride_px: int) -> tuple[torch.Tensor, str, int, int]:
+    """The sampler's tile grid over an image batch [B,3,H,W] (resized to the processing size first, as the
+    first stage does): (tiles batch, layout text, rows, columns)."""
+    from ..supir.tiles import pixel_windows
+
+    b, _, h, w = x.shape
+    sizes = plan_sizes(h, w)
+    x = resize(x, sizes.proc_h, sizes.proc_w)
+    windows = pixel_windows(sizes.proc_h, sizes.proc_w, tile_px, stride_px)
+    rows = len({win[0] for win in windows})
+    cols = len(windows) // rows
+    tiles = torch.cat([x[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in windows], 0)
+    tiles = tiles.reshape(len(windows), b, *tiles.shape[1:]).transpose(0, 1).reshape(-1, *tiles.shape[1:])
+    th, tw = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
+    boxes = " ".join(f"({h0},{h1},{w0},{w1})" for h0, h1, w0, w1 in windows)
+    layout = (f"{rows} rows x {cols} columns = {len(windows)} tiles of {tw}x{th} px per image, stride {stride_px} px, "
+              f"on the {sizes.proc_w}x{sizes.proc_h} px sampling grid; boxes (top,bottom,left,right): {boxes}")
+    return tiles, layout, rows, cols
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """Everything the all-in-one restoration needs besides the model, the images and the captions."""
+
+    settings: SamplerSettings = PRESETS["Quality"]
+    upscale: float = 2.0
+    min_short_side: int = 1024
+    tiling: str = "auto"  # "auto" | "on" | "off"
+    color_fix: str = "Wavelet"
+    tiled_vae: bool = True
+    vae_tile_size: int = 512  # image pixels, encoder and decoder
+    positive: str = OFFICIAL_POSITIVE
+    negative: str = OFFICIAL_NEGATIVE
+    caption_mode: str = CAPTION_MODES[0]
+
+
+def wants_tiles(tiling: str, proc_h: int, proc_w: int, tile_px: int) -> bool:
+    """Tiled sampling on/off; "auto" tiles when the sampled image exceeds 1.5 x 1.5 tiles."""
+    if tiling in ("on", "off"):
+        return tiling == "on"
+    return proc_h * proc_w > (1.5 * tile_px) ** 2
+
+
+def restore(handle: SupirHandle, images: torch.Tensor, o: RestoreOptions, captions: Sequence[str] = ()
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole SUPIR restoration of images [B,3,H,W] in 0..1: (restored, stage-1) in 0..1 at
+    exactly round(H x upscale) x round(W x upscale)."""
+    b, _, h, w = images.shape
+    sizes = plan_sizes(h, w, o.upscale, o.min_short_side)
+    tile = o.vae_tile_size if o.tiled_vae else None
+    s = replace(o.settings, tiled=wants_tiles(o.tiling, sizes.proc_h, sizes.proc_w, o.settings.tile_size))
+    z_lq, stage1 = [], []
+    with comfy.Progress(b, "SUPIR first stage") as bar:
+        for i in range(b):
+            bar.check_interrupt()
+            x = resize(images[i:i + 1], sizes.proc_h, sizes.proc_w).clamp(0, 1) * 2 - 1
+            try:
+                z, x1 = first_stage(handle, x, tile, tile)
+            except Exception as exc:
+                if comfy.is_oom(exc):
+                    raise oom_error(exc, "the first stage (VAE)", sizes.proc_h, sizes.proc_w, s.tiled) from exc
+                raise
+            z_lq.append(z.cpu())
+            stage1.append(x1.cpu())
+            bar.advance()
+    z_lq, stage1 = torch.cat(z_lq), torch.cat(stage1)
+    x_center = None
+    if s.restore_cfg > 0:
+        x_center = torch.cat([vae_encode(handle, stage1[i:i + 1], tile).cpu() for i in range(b)])
+    texts = [join_prompt(c, o.positive, o.caption_mode) for c in captions] or [o.positive]
+    positive, negative = encode_prompts(handle, texts), encode_prompts(handle, [o.negative])
+    z = sample_batch(handle, z_lq, x_center, positive, negative, s)
+    out = []
+    with comfy.Progress(b, "SUPIR decode") as bar:
+        for i in range(b):
+            bar.check_interrupt()
+            try:
+                xi = vae_decode(handle, z[i:i + 1], tile).cpu()
+            except Exception as exc:
+                if comfy.is_oom(exc):
+                    raise oom_error(exc, "decoding (VAE)", sizes.proc_h, sizes.proc_w, s.tiled) from exc
+                raise
+            if o.color_fix != "None":
+                from ..supir.colorfix import color_fix
+
+                xi = color_fix(xi, stage1[i:i + 1], "AdaIn" if o.color_fix == "AdaIN" else o.color_fix)
+            out.append(resize(((xi + 1) / 2).clamp(0, 1), sizes.out_h, sizes.out_w).clamp(0, 1))
+            bar.advance()
+    stage1 = resize(((stage1 + 1) / 2).clamp(0, 1), sizes.out_h, sizes.out_w).clamp(0, 1)
+    return torch.cat(out), stage1
