@@ -93,16 +93,6 @@ def make_handle(model: Any, name: str, **info: Any) -> SupirHandle:
     return SupirHandle(model, comfy.manage(model.diffusion), comfy.manage(model.vae), text, name, dict(info))
 
 
-def dtype_of(module: torch.nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
-    """The floating dtype computations should run in for ``module`` (fp8 storage computes in bf16)."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            if p.dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)):
-                return torch.bfloat16
-            return p.dtype
-    return default
-
-
 def load_supir_files(sdxl: Any, supir: Any, weight_dtype: str, vae_dtype: str, name: str) -> SupirHandle:
     """Load SDXL + SUPIR (paths or state dicts) into a handle; dtype names as in the loader nodes."""
     from ..supir.loader import load_supir
@@ -358,35 +348,38 @@ def _vae(handle: SupirHandle, pixels: int) -> Any:
     return comfy.load(handle.vae, memory_required=int(pixels) * 400)
 
 
-def _vae_tiling(tile_px: int | None, decoder: bool = False) -> dict:
+def _tiling(tile_px: int | None) -> Any:
+    """Tiled-VAE options for a tile size in image pixels (None = untiled)."""
     if tile_px is None:
-        return {}
-    return {"tile_size": int(tile_px) // 8 if decoder else int(tile_px)}
+        return None
+    from ..supir.vae import VAETiling
+
+    return VAETiling(encoder_tile_size=int(tile_px), decoder_tile_size=max(int(tile_px) // 8, 1))
 
 
-def first_stage(handle: SupirHandle, x: torch.Tensor, enc_tile: int | None, dec_tile: int | None):
+def first_stage(handle: SupirHandle, x: torch.Tensor, enc_tile: int | None, dec_tile: int | None,
+                callbacks: Any = None):
     """(z_lq scaled, x_stage1 in [-1,1]) of an image batch in [-1,1] at processing size."""
     vae = _vae(handle, x.shape[-1] * x.shape[-2])
-    device, dtype = comfy.torch_device(), dtype_of(vae)
     with torch.inference_mode():
-        z = vae.encode_lq(x.to(device, dtype), **_vae_tiling(enc_tile))
-        stage1 = vae.decode(z, **_vae_tiling(dec_tile, decoder=True))
+        z = vae.encode_lq(x.to(comfy.torch_device()), tiling=_tiling(enc_tile), callbacks=callbacks)
+        stage1 = vae.decode(z, tiling=_tiling(dec_tile), callbacks=callbacks)
     return z.float(), stage1.float()
 
 
-def vae_encode(handle: SupirHandle, x: torch.Tensor, tile: int | None) -> torch.Tensor:
+def vae_encode(handle: SupirHandle, x: torch.Tensor, tile: int | None, callbacks: Any = None) -> torch.Tensor:
     """Scaled latent (posterior mode) of an image batch in [-1,1]."""
     vae = _vae(handle, x.shape[-1] * x.shape[-2])
     with torch.inference_mode():
-        z = vae.encode(x.to(comfy.torch_device(), dtype_of(vae)), sample=False, **_vae_tiling(tile))
+        z = vae.encode(x.to(comfy.torch_device()), sample=False, tiling=_tiling(tile), callbacks=callbacks)
     return z.float()
 
 
-def vae_decode(handle: SupirHandle, z: torch.Tensor, tile: int | None) -> torch.Tensor:
+def vae_decode(handle: SupirHandle, z: torch.Tensor, tile: int | None, callbacks: Any = None) -> torch.Tensor:
     """Image in [-1,1] (float32, unclamped) of a scaled latent batch."""
     vae = _vae(handle, z.shape[-1] * z.shape[-2] * 64)
     with torch.inference_mode():
-        x = vae.decode(z.to(comfy.torch_device(), dtype_of(vae)), **_vae_tiling(tile, decoder=True))
+        x = vae.decode(z.to(comfy.torch_device()), tiling=_tiling(tile), callbacks=callbacks)
     return x.float()
 
 
@@ -419,7 +412,7 @@ def sample_one(handle: SupirHandle, hint: torch.Tensor, x_center: torch.Tensor |
     lat_px = hint.shape[-1] * hint.shape[-2]
     network = comfy.load(handle.diffusion, memory_required=int(lat_px) * 64 * 1024 * (2 if not s.tiled else 1))
     denoiser = handle.model.denoiser
-    device, dtype = comfy.torch_device(), dtype_of(network)
+    device, dtype = comfy.torch_device(), torch.float32  # the network casts to its compute dtype itself
     generator = torch.Generator("cpu").manual_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
     noise = torch.randn(hint.shape, generator=generator, dtype=torch.float32).to(device)
     hint = hint.to(device, dtype)
