@@ -1,0 +1,295 @@
+"""SDXL UNet in the SGM (``generative-models``) key layout, with SDPA attention and GEGLU feed-forward.
+
+The configuration is a plain dict (see :func:`unet_config`); every module name equals the official
+one, so ``state_dict()`` keys are exactly those under ``model.diffusion_model.`` in an SDXL file.
+Blocks are shared with GLVControl (:mod:`.control`), which reuses the encoder half.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .embeddings import timestep_embedding
+
+# The official SDXL base / SUPIR v0 UNet (options/SUPIR_v0.yaml network_config).
+SDXL_CONFIG = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "channel_mult": [1, 2, 4],
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 2, 10],
+    "transformer_depth_middle": 10,
+    "context_dim": 2048,
+    "adm_in_channels": 2816,
+    "num_head_channels": 64,
+}
+
+
+def unet_config(**overrides) -> dict:
+    """A full UNet config: SDXL's values with ``overrides``; ``num_res_blocks`` may be an int.
+
+    ``transformer_depth[l] == 0`` means level ``l`` has no spatial transformers.
+    """
+    cfg = {**SDXL_CONFIG, **overrides}
+    levels = len(cfg["channel_mult"])
+    if isinstance(cfg["num_res_blocks"], int):
+        cfg["num_res_blocks"] = [cfg["num_res_blocks"]] * levels
+    cfg["channel_mult"] = list(cfg["channel_mult"])
+    cfg["num_res_blocks"] = list(cfg["num_res_blocks"])
+    cfg["transformer_depth"] = list(cfg["transformer_depth"])
+    if len(cfg["num_res_blocks"]) != levels or len(cfg["transformer_depth"]) != levels:
+        raise ValueError(f"num_res_blocks / transformer_depth need one entry per level ({levels}): {cfg}")
+    return cfg
+
+
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    return ops.GroupNorm(32, channels, eps=eps)
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, + Linear(SiLU(emb)), GN-SiLU-conv, + skip (identity or 1x1 conv)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), ops.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
+        # index 2 is the (inference no-op) dropout of the official block, kept for the key layout
+        self.out_layers = nn.Sequential(group_norm(out_channels), nn.SiLU(), nn.Identity(),
+                                        ops.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else ops.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head softmax attention on [B, N, heads*d] tensors (channel = head * d + i)."""
+    b, n, _ = q.shape
+    q, k, v = (t.reshape(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(b, n, -1)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = ops.Linear(query_dim, inner, bias=False)
+        self.to_k = ops.Linear(context_dim, inner, bias=False)
+        self.to_v = ops.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(ops.Linear(inner, query_dim), nn.Identity())
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = ops.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), ops.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = ops.LayerNorm(dim)
+        self.norm2 = ops.LayerNorm(dim)
+        self.norm3 = ops.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """GN(eps 1e-6) -> tokens -> Linear proj_in -> transformer blocks -> Linear proj_out -> + input."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int):
+        super().__init__()
+        self.norm = group_norm(channels, eps=1e-6)
+        self.proj_in = ops.Linear(channels, heads * dim_head)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(heads * dim_head, heads, dim_head, context_dim) for _ in range(depth))
+        self.proj_out = ops.Linear(heads * dim_head, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.norm(x).flatten(2).transpose(1, 2)
+        t = self.proj_in(t)
+        context = context.to(t.dtype)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        t = self.proj_out(t)
+        return t.transpose(1, 2).reshape(b, c, h, w) + x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = ops.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Block(nn.Sequential):
+    """An SGM ``TimestepEmbedSequential``: passes ``emb`` to ResBlocks and ``context`` to transformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = run_layer(layer, x, emb, context)
+        return x
+
+
+def run_layer(layer: nn.Module, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, ResBlock):
+        return layer(x, emb)
+    if isinstance(layer, SpatialTransformer):
+        return layer(x, context)
+    return layer(x)
+
+
+def _transformer(cfg: dict, ch: int, depth: int) -> SpatialTransformer:
+    d = cfg["num_head_channels"]
+    return SpatialTransformer(ch, ch // d, d, depth, cfg["context_dim"])
+
+
+def make_embeddings(cfg: dict) -> tuple[nn.Sequential, nn.Sequential]:
+    """``time_embed`` and ``label_emb`` (the "sequential" ADM embedding) of width 4*model_channels."""
+    mc = cfg["model_channels"]
+    time_embed = nn.Sequential(ops.Linear(mc, 4 * mc), nn.SiLU(), ops.Linear(4 * mc, 4 * mc))
+    label_emb = nn.Sequential(nn.Sequential(ops.Linear(cfg["adm_in_channels"], 4 * mc), nn.SiLU(),
+                                            ops.Linear(4 * mc, 4 * mc)))
+    return time_embed, label_emb
+
+
+def make_encoder(cfg: dict) -> tuple[nn.ModuleList, Block, list[int]]:
+    """The input blocks, the middle block and the channels of every input block's output."""
+    mc, emb_ch = cfg["model_channels"], 4 * cfg["model_channels"]
+    blocks = nn.ModuleList([Block(ops.Conv2d(cfg["in_channels"], mc, 3, padding=1))])
+    chans = [mc]
+    ch = mc
+    levels = len(cfg["channel_mult"])
+    for level, mult in enumerate(cfg["channel_mult"]):
+        for _ in range(cfg["num_res_blocks"][level]):
+            layers: list[nn.Module] = [ResBlock(ch, emb_ch, mult * mc)]
+            ch = mult * mc
+            if cfg["transformer_depth"][level] > 0:
+                layers.append(_transformer(cfg, ch, cfg["transformer_depth"][level]))
+            blocks.append(Block(*layers))
+            chans.append(ch)
+        if level != levels - 1:
+            blocks.append(Block(Downsample(ch)))
+            chans.append(ch)
+    middle = Block(ResBlock(ch, emb_ch), _transformer(cfg, ch, cfg["transformer_depth_middle"]), ResBlock(ch, emb_ch))
+    return blocks, middle, chans
+
+
+def decoder_layout(cfg: dict, input_chans: Sequence[int]) -> list[dict]:
+    """Per output block: ``in`` (stream channels), ``skip``, ``out`` channels, ``level``,
+    ``attn`` (transformer depth or 0) and ``up`` (ends with an Upsample)."""
+    mc = cfg["model_channels"]
+    skips = list(input_chans)
+    ch = input_chans[-1]
+    layout = []
+    for level in reversed(range(len(cfg["channel_mult"]))):
+        n = cfg["num_res_blocks"][level] + 1
+        for i in range(n):
+            skip = skips.pop()
+            out = mc * cfg["channel_mult"][level]
+            layout.append({"in": ch, "skip": skip, "out": out, "level": level,
+                           "attn": cfg["transformer_depth"][level], "up": level > 0 and i == n - 1})
+            ch = out
+    return layout
+
+
+def make_decoder(cfg: dict, input_chans: Sequence[int]) -> nn.ModuleList:
+    emb_ch = 4 * cfg["model_channels"]
+    blocks = nn.ModuleList()
+    for spec in decoder_layout(cfg, input_chans):
+        layers: list[nn.Module] = [ResBlock(spec["in"] + spec["skip"], emb_ch, spec["out"])]
+        if spec["attn"]:
+            layers.append(_transformer(cfg, spec["out"], spec["attn"]))
+        if spec["up"]:
+            layers.append(Upsample(spec["out"]))
+        blocks.append(Block(*layers))
+    return blocks
+
+
+def embed(time_embed: nn.Module, label_emb: nn.Module, model_channels: int,
+          timesteps: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """time_embed(sinusoid(timesteps)) + label_emb(y), in ``dtype``."""
+    t_emb = timestep_embedding(timesteps, model_channels).to(dtype)
+    return time_embed(t_emb) + label_emb(y.to(dtype))
+
+
+class SDXLUNet(nn.Module):
+    """The SDXL UNet (``model.diffusion_model`` without SUPIR's adapters)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.config = cfg = unet_config(**cfg)
+        self.model_channels = cfg["model_channels"]
+        self.time_embed, self.label_emb = make_embeddings(cfg)
+        self.input_blocks, self.middle_block, self.input_channels = make_encoder(cfg)
+        self.output_blocks = make_decoder(cfg, self.input_channels)
+        self.out = nn.Sequential(group_norm(cfg["model_channels"]), nn.SiLU(),
+                                 ops.Conv2d(cfg["model_channels"], cfg["out_channels"], 3, padding=1))
+
+    def embed(self, timesteps: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return embed(self.time_embed, self.label_emb, self.model_channels, timesteps, y, dtype)
+
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list]:
+        hs = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        return self.middle_block(h, emb, context), hs
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+        """Plain SDXL eps prediction (no control)."""
+        emb = self.embed(timesteps, y, x.dtype)
+        context = context.to(x.dtype)
+        h, hs = self.encode(x, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+        return self.out(h)
