@@ -242,6 +242,19 @@ def load(managed: Managed, memory_required: int = 0) -> torch.nn.Module:
     return managed.model.to(device)
 
 
+def unload(managed: Managed) -> None:
+    """Send one managed model back to the offload device now (ComfyUI: unload just that model)."""
+    if managed.patcher is not None:
+        import comfy.model_management as mm
+
+        for i in reversed(range(len(mm.current_loaded_models))):
+            if mm.current_loaded_models[i].model is managed.patcher:
+                mm.current_loaded_models.pop(i).model_unload()
+        mm.soft_empty_cache()
+        return
+    managed.model.to(offload_device())
+
+
 def free_memory(bytes_needed: int, device: torch.device | None = None) -> None:
     """Ask the host to make room on ``device`` (no-op outside ComfyUI)."""
     if comfy_present():
