@@ -223,7 +223,7 @@ def restore(args: argparse.Namespace) -> int:
         if captioner is not None:
             captions = [captioner(image)]
             print(f"restore: {f.name}: caption: {captions[0]}")
-        result, _stage1 = S.restore(handle, image, options, captions)
+        result = S.restore(handle, image, options, captions)
         if faces is not None:
             result = faces(result)
         target = out / (f.stem + ".png")

@@ -144,18 +144,18 @@ class FirstStage:
     def run(self, supir, image, tiled_vae, encoder_tile_size, decoder_tile_size):
         x = image_to_bchw(image)
         b, _, h, w = x.shape
-        sizes = S.plan_sizes(h, w)
+        p = S.plan(h, w)
         stage1, z = [], []
         with comfy.Progress(b, "SUPIR first stage") as bar:
             for i in range(b):
                 bar.check_interrupt()
-                xi = S.resize(x[i:i + 1], sizes.proc_h, sizes.proc_w) * 2 - 1
+                xi = S.fit(x[i:i + 1], p).clamp(0, 1) * 2 - 1
                 zi, si = S.first_stage(supir, xi, _vae_tiles(tiled_vae, encoder_tile_size),
                                      _vae_tiles(tiled_vae, decoder_tile_size))
-                stage1.append(S.resize((si.float().cpu() + 1) / 2, h, w))
+                stage1.append(S.unfit((si.float().cpu() + 1) / 2, p.work, (h, w)))
                 z.append(zi.float().cpu())
                 bar.advance()
-        return bchw_to_image(torch.cat(stage1)), S.latent_dict(torch.cat(z), (h, w))
+        return bchw_to_image(torch.cat(stage1)), S.latent_dict(torch.cat(z), (h, w), p.work)
 
 
 class Encode:
@@ -180,15 +180,15 @@ class Encode:
     def encode(self, supir, image, tiled_vae, encoder_tile_size):
         x = image_to_bchw(image)
         b, _, h, w = x.shape
-        sizes = S.plan_sizes(h, w)
+        p = S.plan(h, w)
         z = []
         with comfy.Progress(b, "SUPIR encode") as bar:
             for i in range(b):
                 bar.check_interrupt()
-                xi = S.resize(x[i:i + 1], sizes.proc_h, sizes.proc_w) * 2 - 1
+                xi = S.fit(x[i:i + 1], p).clamp(0, 1) * 2 - 1
                 z.append(S.vae_encode(supir, xi, _vae_tiles(tiled_vae, encoder_tile_size)).float().cpu())
                 bar.advance()
-        return (S.latent_dict(torch.cat(z), (h, w)),)
+        return (S.latent_dict(torch.cat(z), (h, w), p.work),)
 
 
 class Decode:
@@ -211,13 +211,13 @@ class Decode:
 
     def decode(self, supir, latent, tiled_vae, decoder_tile_size):
         z = S.scaled_latent(latent)
-        h, w = S.latent_size(latent)
+        size, work = S.latent_size(latent), S.latent_work(latent)
         out = []
         with comfy.Progress(z.shape[0], "SUPIR decode") as bar:
             for i in range(z.shape[0]):
                 bar.check_interrupt()
                 xi = S.vae_decode(supir, z[i:i + 1], _vae_tiles(tiled_vae, decoder_tile_size))
-                out.append(S.resize(((xi.float().cpu() + 1) / 2).clamp(0, 1), h, w))
+                out.append(S.unfit(((xi.float().cpu() + 1) / 2).clamp(0, 1), work, size).clamp(0, 1))
                 bar.advance()
         return (bchw_to_image(torch.cat(out)),)
 
@@ -340,8 +340,7 @@ class Sampler:
             raise ValueError(f"x_center {tuple(center.shape)} and control_latent {tuple(hint.shape)} differ in shape; "
                              "encode the stage-1 image of the same batch.")
         z = S.sample_batch(supir, hint, center, positive, negative, settings)
-        out = S.latent_dict(z, S.latent_size(control_latent) if S.SIZE_KEY in control_latent else None)
-        return (out,)
+        return ({**S.latent_dict(z), **S.size_keys(control_latent)},)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,10 +405,9 @@ class Restore:
     CATEGORY = CAT
     FUNCTION = "restore"
     INPUT_IS_LIST = True
-    RETURN_TYPES = ("IMAGE", "IMAGE")
-    RETURN_NAMES = ("image", "stage1_image")
-    OUTPUT_TOOLTIPS = ("The restored image, exactly round(input size x upscale_by).",
-                       "The first stage's cleaned image at the same size (for comparisons or captions).")
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The restored image(s), exactly round(input size x upscale_by).",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -457,8 +455,7 @@ class Restore:
             negative=one["negative_prompt"],
             settings=S.with_settings(S.PRESETS[one["preset"]], seed=one["seed"], steps=one["steps"] or None,
                                      tile_size=one["tile_size"], tile_stride=one["tile_stride"]))
-        out, stage1 = S.restore(_unlist(supir), images, options, S.split_captions(captions))
-        return bchw_to_image(out), bchw_to_image(stage1)
+        return (bchw_to_image(S.restore(_unlist(supir), images, options, S.split_captions(captions))),)
 
 
 _NODES = {

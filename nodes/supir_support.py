@@ -13,23 +13,17 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..supir.pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
 from . import comfy
 
 SCALE_FACTOR = 0.13025  # SDXL latent scale: ComfyUI LATENT = scaled latent / SCALE_FACTOR
 SIZE_KEY = "photorestore_size"  # LATENT extra key: (height, width) of the image the latent stands for
+WORK_KEY = "photorestore_work"  # LATENT extra key: (height, width) of the unpadded part, in pixels
 MIN_SIDE = 16  # smallest input side the first stage accepts (pixels)
 
-# The official gradio prompts (SUPIR gradio_demo.py / options/SUPIR_v0.yaml `p_p`, `n_p`).
-OFFICIAL_POSITIVE = (
-    "Cinematic, High Contrast, highly detailed, taken using a Canon EOS R camera, hyper detailed photo - "
-    "realistic maximum detail, 32k, Color Grading, ultra HD, extreme meticulous detailing, skin pore detailing, "
-    "hyper sharpness, perfect without deformations."
-)
-OFFICIAL_NEGATIVE = (
-    "painting, oil painting, illustration, drawing, art, sketch, oil painting, cartoon, CG Style, 3D render, "
-    "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg "
-    "artifacts, deformed, lowres, over-smooth"
-)
+# The official prompts (gradio_demo.py / options/SUPIR_v0.yaml), as the pipeline defines them.
+OFFICIAL_POSITIVE = DEFAULT_A_PROMPT
+OFFICIAL_NEGATIVE = DEFAULT_N_PROMPT
 
 SAMPLERS = {"EDM": "edm", "DPM++ 2M SDE": "dpmpp_2m_sde"}
 COLOR_FIXES = ("Wavelet", "AdaIN", "None")
@@ -108,31 +102,27 @@ def load_supir_files(sdxl: Any, supir: Any, weight_dtype: str, vae_dtype: str, n
 # Sizes
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Sizes:
-    """Output size (exactly round(input x upscale)) and the internal processing size (multiples of ``multiple``)."""
+def plan(h: int, w: int, upscale: float = 1.0, min_short_side: int = 0) -> Any:
+    """The pipeline's size plan (``supir.pipeline.SizePlan``: output, work and internal sizes) with an
+    error users can act on for images that are too small."""
+    from ..supir.pipeline import plan_sizes
 
-    out_h: int
-    out_w: int
-    proc_h: int
-    proc_w: int
-
-
-def plan_sizes(h: int, w: int, upscale: float = 1.0, min_short_side: int = 0, multiple: int = 64) -> Sizes:
-    """The official size rule: scale by ``upscale``; raise the short side to ``min_short_side`` (0 = off);
-    round each side to the nearest multiple of ``multiple`` (at least one multiple).
-
-    The result is resized back to ``round(h * upscale) x round(w * upscale)`` afterwards.
-    """
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"The image is too small for SUPIR: {w}x{h} px; each side needs at least {MIN_SIDE} px.")
-    out_h, out_w = max(1, round(h * upscale)), max(1, round(w * upscale))
-    boost = 1.0
-    if min_short_side and min(out_h, out_w) < min_short_side:
-        boost = min_short_side / min(out_h, out_w)
-    proc_h = max(multiple, int(round(out_h * boost / multiple)) * multiple)
-    proc_w = max(multiple, int(round(out_w * boost / multiple)) * multiple)
-    return Sizes(out_h, out_w, proc_h, proc_w)
+    return plan_sizes(h, w, upscale, min_short_side or None)
+
+
+def fit(x: torch.Tensor, p: Any) -> torch.Tensor:
+    """An image batch [B,C,H,W] brought to the plan's internal size: resized to the work size, then
+    replicate-padded at the bottom/right (cropped off again by :func:`unfit`)."""
+    x = resize(x, *p.work)
+    ph, pw = p.internal[0] - p.work[0], p.internal[1] - p.work[1]
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
+def unfit(x: torch.Tensor, work: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """Crop the padding of :func:`fit` off and resize to ``size`` (h, w)."""
+    return resize(x[..., :work[0], :work[1]], int(size[0]), int(size[1]))
 
 
 def resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -147,16 +137,19 @@ def resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 # LATENT conventions
 # --------------------------------------------------------------------------------------------
 
-def latent_dict(z_scaled: torch.Tensor, size: tuple[int, int] | None = None) -> dict:
-    """A ComfyUI LATENT from a scaled SUPIR latent: ``samples`` unscaled (core convention)."""
+def latent_dict(z_scaled: torch.Tensor, size: Sequence[int] | None = None, work: Sequence[int] | None = None) -> dict:
+    """A ComfyUI LATENT from a scaled SUPIR latent: ``samples`` unscaled (core convention), plus the image
+    size it stands for and the unpadded work size when known."""
     out = {"samples": (z_scaled.float() / SCALE_FACTOR).to(comfy.intermediate_device())}
     if size is not None:
         out[SIZE_KEY] = (int(size[0]), int(size[1]))
+    if work is not None:
+        out[WORK_KEY] = (int(work[0]), int(work[1]))
     return out
 
 
 def scaled_latent(latent: dict) -> torch.Tensor:
-    """The scaled latent SUPIR samples in, from any LATENT (ours or core's): samples x 0.13025."""
+    """The scaled latent SUPIR samples in, from any LATENT (ours or core's): samples x 0.13025 (a new tensor)."""
     z = latent["samples"]
     if z.ndim != 4 or z.shape[1] != 4:
         raise ValueError(f"SUPIR needs a 4-channel SDXL latent [B,4,h,w]; got a latent of shape {tuple(z.shape)}.")
@@ -168,6 +161,18 @@ def latent_size(latent: dict) -> tuple[int, int]:
     if SIZE_KEY in latent:
         return tuple(latent[SIZE_KEY])
     return latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8
+
+
+def latent_work(latent: dict) -> tuple[int, int]:
+    """The unpadded part of the decoded latent, in pixels (all of it for core latents)."""
+    if WORK_KEY in latent:
+        return tuple(latent[WORK_KEY])
+    return latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8
+
+
+def size_keys(latent: dict) -> dict:
+    """The extra size keys of a LATENT, to carry over to a derived LATENT."""
+    return {k: latent[k] for k in (SIZE_KEY, WORK_KEY) if k in latent}
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,13 +280,18 @@ class Callbacks:
     batch) are laid end to end on one bar.
     """
 
-    def __init__(self, progress: comfy.Progress, preview_fn: Callable | None = None, runs: int = 1):
+    def __init__(self, progress: comfy.Progress, preview_fn: Callable | None = None, runs: int = 1,
+                 steps_only: bool = False):
         self.bar = progress
+        self.steps_only = steps_only  # count only sampler steps (the calls that carry a preview)
         self.preview_fn = preview_fn
         self.runs = max(1, runs)
         self.run = 0
 
     def progress(self, step: int, total: int, preview: Any = None) -> None:
+        if self.steps_only and preview is None:
+            self.bar.check_interrupt()
+            return
         image = None
         if preview is not None and self.preview_fn is not None:
             try:
@@ -498,22 +508,21 @@ def color_fix_images(image: torch.Tensor, reference: torch.Tensor, method: str) 
 
 
 def cut_tiles(x: torch.Tensor, tile_px: int, stride_px: int) -> tuple[torch.Tensor, str, int, int]:
-    """The sampler's tile grid over an image batch [B,3,H,W] (resized to the processing size first, as the
-    first stage does): (tiles batch, layout text, rows, columns)."""
+    """The sampler's tile grid over an image batch [B,3,H,W] at its final size (fitted to the internal
+    size as the first stage does): (tiles batch, layout text, rows, columns)."""
     from ..supir.tiles import pixel_windows
 
     b, _, h, w = x.shape
-    sizes = plan_sizes(h, w)
-    x = resize(x, sizes.proc_h, sizes.proc_w)
-    windows = pixel_windows(sizes.proc_h, sizes.proc_w, tile_px, stride_px)
+    p = plan(h, w)
+    x = fit(x, p)
+    windows = pixel_windows(p.internal[0], p.internal[1], tile_px, stride_px)
     rows = len({win[0] for win in windows})
     cols = len(windows) // rows
-    tiles = torch.cat([x[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in windows], 0)
-    tiles = tiles.reshape(len(windows), b, *tiles.shape[1:]).transpose(0, 1).reshape(-1, *tiles.shape[1:])
+    tiles = torch.stack([x[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in windows], 1).flatten(0, 1)
     th, tw = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
     boxes = " ".join(f"({h0},{h1},{w0},{w1})" for h0, h1, w0, w1 in windows)
     layout = (f"{rows} rows x {cols} columns = {len(windows)} tiles of {tw}x{th} px per image, stride {stride_px} px, "
-              f"on the {sizes.proc_w}x{sizes.proc_h} px sampling grid; boxes (top,bottom,left,right): {boxes}")
+              f"on the {p.internal[1]}x{p.internal[0]} px sampling grid; boxes (top,bottom,left,right): {boxes}")
     return tiles, layout, rows, cols
 
 
@@ -533,57 +542,70 @@ class RestoreOptions:
     caption_mode: str = CAPTION_MODES[0]
 
 
-def wants_tiles(tiling: str, proc_h: int, proc_w: int, tile_px: int) -> bool:
+def wants_tiles(tiling: str, h: int, w: int, tile_px: int) -> bool:
     """Tiled sampling on/off; "auto" tiles when the sampled image exceeds 1.5 x 1.5 tiles."""
     if tiling in ("on", "off"):
         return tiling == "on"
-    return proc_h * proc_w > (1.5 * tile_px) ** 2
+    return h * w > (1.5 * tile_px) ** 2
 
 
-def restore(handle: SupirHandle, images: torch.Tensor, o: RestoreOptions, captions: Sequence[str] = ()
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole SUPIR restoration of images [B,3,H,W] in 0..1: (restored, stage-1) in 0..1 at
-    exactly round(H x upscale) x round(W x upscale)."""
+def pipeline_settings(o: RestoreOptions, tiled: bool, seed: int) -> Any:
+    """``supir.pipeline.RestoreSettings`` for these options (tile sizes converted to latent pixels)."""
+    from ..supir.pipeline import RestoreSettings
+
+    s = o.settings
+    return RestoreSettings(
+        upscale=float(o.upscale), min_size=int(o.min_short_side) or None, sampler=s.sampler, steps=int(s.steps),
+        s_churn=float(s.s_churn), s_noise=float(s.s_noise), eta=float(s.eta), cfg_scale=float(s.cfg_scale),
+        cfg_scale_start=float(s.cfg_scale_start), control_scale=float(s.control_scale),
+        control_scale_start=None if math_isclose(s.control_scale_start, s.control_scale) else float(s.control_scale_start),
+        restore_cfg=float(s.restore_cfg), restore_cfg_s_tmin=float(s.restore_cfg_s_tmin), seed=int(seed),
+        tiled=tiled, tile_size=max(int(s.tile_size) // 8, 1), tile_stride=max(int(s.tile_stride) // 8, 1),
+        tile_batch_size=int(s.tile_batch_size), vae_tiling=_tiling(o.vae_tile_size if o.tiled_vae else None),
+        prompt="", a_prompt="", n_prompt=o.negative, color_fix="AdaIn" if o.color_fix == "AdaIN" else o.color_fix)
+
+
+def restore(handle: SupirHandle, images: torch.Tensor, o: RestoreOptions, captions: Sequence[str] = ()) -> torch.Tensor:
+    """The whole SUPIR restoration (``supir.pipeline.restore``) of images [B,3,H,W] in 0..1, one image at a
+    time under memory management: restored images in 0..1 at exactly round(H x upscale) x round(W x upscale).
+
+    ``captions``: none, one for all, one per image, or one per sampler tile (per image: B x tiles, image-major).
+    Image i uses seed + i.
+    """
+    from ..supir import pipeline
+
     b, _, h, w = images.shape
-    sizes = plan_sizes(h, w, o.upscale, o.min_short_side)
-    tile = o.vae_tile_size if o.tiled_vae else None
-    s = replace(o.settings, tiled=wants_tiles(o.tiling, sizes.proc_h, sizes.proc_w, o.settings.tile_size))
-    z_lq, stage1 = [], []
-    with comfy.Progress(b, "SUPIR first stage") as bar:
-        for i in range(b):
-            bar.check_interrupt()
-            x = resize(images[i:i + 1], sizes.proc_h, sizes.proc_w).clamp(0, 1) * 2 - 1
-            try:
-                z, x1 = first_stage(handle, x, tile, tile)
-            except Exception as exc:
-                if comfy.is_oom(exc):
-                    raise oom_error(exc, "the first stage (VAE)", sizes.proc_h, sizes.proc_w, s.tiled) from exc
-                raise
-            z_lq.append(z.cpu())
-            stage1.append(x1.cpu())
-            bar.advance()
-    z_lq, stage1 = torch.cat(z_lq), torch.cat(stage1)
-    x_center = None
-    if s.restore_cfg > 0:
-        x_center = torch.cat([vae_encode(handle, stage1[i:i + 1], tile).cpu() for i in range(b)])
+    p = plan(h, w, o.upscale, o.min_short_side)
+    tiled = wants_tiles(o.tiling, *p.internal, o.settings.tile_size)
+    tiles = tile_count(p.internal[0] // 8, p.internal[1] // 8, o.settings.tile_size, o.settings.tile_stride) \
+        if tiled else None
     texts = [join_prompt(c, o.positive, o.caption_mode) for c in captions] or [o.positive]
-    positive, negative = encode_prompts(handle, texts), encode_prompts(handle, [o.negative])
-    z = sample_batch(handle, z_lq, x_center, positive, negative, s)
+    cond = {"crossattn": torch.zeros(len(texts), 1, 1), "vector": torch.zeros(len(texts), 1)}
+    how = cond_plan(cond, b, tiles)
+    model = handle.model
     out = []
-    with comfy.Progress(b, "SUPIR decode") as bar:
+    with comfy.Progress(b * o.settings.steps, "SUPIR restore") as bar:
+        cb = Callbacks(bar, comfy.latent_preview_fn(), runs=b, steps_only=True)
         for i in range(b):
-            bar.check_interrupt()
+            cb.run = i
+            if how == "shared":
+                caps = [texts[0]]
+            elif how == "per_image":
+                caps = [texts[i]]
+            else:
+                start = 0 if how == "per_tile" else i * tiles
+                caps = [texts[start:start + tiles]]
+            comfy.load(handle.vae, memory_required=p.internal[0] * p.internal[1] * 400)
+            if handle.text is not None:
+                comfy.load(handle.text)
+            comfy.load(handle.diffusion, memory_required=p.internal[0] * p.internal[1] * 1024 * (1 if tiled else 2))
+            x = images[i:i + 1].to(comfy.torch_device())
             try:
-                xi = vae_decode(handle, z[i:i + 1], tile).cpu()
+                with torch.inference_mode():
+                    y = pipeline.restore(x, model, pipeline_settings(o, tiled, o.settings.seed + i), cb, captions=caps)
             except Exception as exc:
                 if comfy.is_oom(exc):
-                    raise oom_error(exc, "decoding (VAE)", sizes.proc_h, sizes.proc_w, s.tiled) from exc
+                    raise oom_error(exc, "restoration", *p.internal, tiled) from exc
                 raise
-            if o.color_fix != "None":
-                from ..supir.colorfix import color_fix
-
-                xi = color_fix(xi, stage1[i:i + 1], "AdaIn" if o.color_fix == "AdaIN" else o.color_fix)
-            out.append(resize(((xi + 1) / 2).clamp(0, 1), sizes.out_h, sizes.out_w).clamp(0, 1))
-            bar.advance()
-    stage1 = resize(((stage1 + 1) / 2).clamp(0, 1), sizes.out_h, sizes.out_w).clamp(0, 1)
-    return torch.cat(out), stage1
+            out.append(y.float().cpu())
+    return torch.cat(out)
