@@ -191,7 +191,8 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, codebook_size: int, emb_dim: int):
         super().__init__()
-        self.embedding = nn.Embedding(codebook_size, emb_dim)
+        # given storage: skips the random init (slow on the meta device, overwritten by loading anyway)
+        self.embedding = nn.Embedding(codebook_size, emb_dim, _weight=torch.empty(codebook_size, emb_dim))
 
     def lookup(self, code_idx: Tensor, hw: int) -> Tensor:
         """(B, T) indices -> (B, emb_dim, hw, hw) features; token t sits at row t // hw, column t % hw."""

@@ -8,7 +8,7 @@
   detection image (one face on most pictures, at the top-left anchor).
   ``retinaface_state_dict(..., faces=False)`` gives a detector that finds nothing.
 * ``parsing_bisenet.pth`` (full size, 13 M values) and ``parsing_parsenet.pth`` as a *tiny* ParseNet
-  (base 8 channels, 8..16 channels, 1 residual block, 2 down steps) - the loader reads those sizes
+  (4 channels, 1 residual block, 1 down step) - the loader reads those sizes
   from the shapes; the full-size ParseNet costs ~4 s per face on a CPU. Its class head is rigged to
   call every pixel skin, so the parse mask is the blurred crop interior.
 
@@ -70,7 +70,7 @@ def parsenet_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     from facexlib.parsing.parsenet import ParseNet
 
     torch.manual_seed(seed)
-    net = ParseNet(in_size=512, out_size=512, min_feat_size=128, base_ch=8, parsing_ch=19, res_depth=1, ch_range=[8, 16])
+    net = ParseNet(in_size=512, out_size=512, min_feat_size=256, base_ch=4, parsing_ch=19, res_depth=1, ch_range=[4, 4])
     sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
     # every pixel is "skin" (class 1), so the parse mask is the blurred crop interior
     sd["out_mask_conv.conv2d.weight"].zero_()
