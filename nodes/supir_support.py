@@ -338,11 +338,24 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+LATENT_MULTIPLE = 8  # latent sides the sampler works on are multiples of this (64 px)
+
+
+def padded(n: int) -> int:
+    """A latent side rounded up to the sampler's multiple."""
+    return -(-n // LATENT_MULTIPLE) * LATENT_MULTIPLE
+
+
+def tile_latent(tile_px: int) -> int:
+    """Sampler tile size in latent pixels: a multiple of 8 (64 px) so every tile passes the UNet."""
+    return max(LATENT_MULTIPLE, int(tile_px) // 64 * LATENT_MULTIPLE)
+
+
 def tile_count(lat_h: int, lat_w: int, tile_px: int, stride_px: int) -> int:
     """How many tiles the sampler uses on a latent of ``lat_h x lat_w``."""
     from ..supir.tiles import tile_windows
 
-    return len(tile_windows(lat_h, lat_w, max(tile_px // 8, 1), max(stride_px // 8, 1)))
+    return len(tile_windows(lat_h, lat_w, tile_latent(tile_px), max(int(stride_px) // 8, 1)))
 
 
 def math_isclose(a: float, b: float) -> bool:
@@ -419,6 +432,11 @@ def sample_one(handle: SupirHandle, hint: torch.Tensor, x_center: torch.Tensor |
     """Sample one latent [1,4,h,w] (scaled) with the SUPIR sampler; ``cond`` is one dict or one per tile."""
     from ..supir import samplers, tiled_sampling
 
+    lh, lw = hint.shape[-2:]
+    ph, pw = (-lh) % LATENT_MULTIPLE, (-lw) % LATENT_MULTIPLE
+    if ph or pw:  # a foreign latent (e.g. core VAE Encode of any size): pad, sample, crop
+        hint = F.pad(hint, (0, pw, 0, ph), mode="replicate")
+        x_center = None if x_center is None else F.pad(x_center, (0, pw, 0, ph), mode="replicate")
     lat_px = hint.shape[-1] * hint.shape[-2]
     network = comfy.load(handle.diffusion, memory_required=int(lat_px) * 64 * 1024 * (2 if not s.tiled else 1))
     denoiser = handle.model.denoiser
@@ -437,7 +455,7 @@ def sample_one(handle: SupirHandle, hint: torch.Tensor, x_center: torch.Tensor |
     sigmas = _sigmas(denoiser, s)
     with torch.inference_mode():
         if s.tiled:
-            tiles = dict(tile_size=max(int(s.tile_size) // 8, 1), tile_stride=max(int(s.tile_stride) // 8, 1),
+            tiles = dict(tile_size=tile_latent(s.tile_size), tile_stride=max(int(s.tile_stride) // 8, 1),
                          tile_batch_size=int(s.tile_batch_size))
             fn = (tiled_sampling.tiled_restore_edm_sample if s.sampler == "edm"
                   else tiled_sampling.tiled_restore_dpmpp_2m_sde_sample)
@@ -447,7 +465,7 @@ def sample_one(handle: SupirHandle, hint: torch.Tensor, x_center: torch.Tensor |
                 raise ValueError("Per-tile captions need tiled sampling: turn on 'tiled' in SUPIR Sampler.")
             fn = samplers.restore_edm_sample if s.sampler == "edm" else samplers.restore_dpmpp_2m_sde_sample
             z = fn(denoiser, noise, sigmas, conds, uncond, hint, **common)
-    return z.float()
+    return z[..., :lh, :lw].float()
 
 
 def conds_for_image(cond: dict, plan: str, index: int, tiles: int | None) -> dict | list[dict]:
@@ -468,7 +486,7 @@ def sample_batch(handle: SupirHandle, hint: torch.Tensor, x_center: torch.Tensor
     Image i uses seed + i. OOM errors come back with advice.
     """
     b, _, lh, lw = hint.shape
-    tiles = tile_count(lh, lw, s.tile_size, s.tile_stride) if s.tiled else None
+    tiles = tile_count(padded(lh), padded(lw), s.tile_size, s.tile_stride) if s.tiled else None
     plan = cond_plan(positive, b, tiles)
     uncond = select_cond(negative, 0)
     out = []
@@ -510,12 +528,13 @@ def color_fix_images(image: torch.Tensor, reference: torch.Tensor, method: str) 
 def cut_tiles(x: torch.Tensor, tile_px: int, stride_px: int) -> tuple[torch.Tensor, str, int, int]:
     """The sampler's tile grid over an image batch [B,3,H,W] at its final size (fitted to the internal
     size as the first stage does): (tiles batch, layout text, rows, columns)."""
-    from ..supir.tiles import pixel_windows
+    from ..supir.tiles import tile_windows
 
     b, _, h, w = x.shape
     p = plan(h, w)
     x = fit(x, p)
-    windows = pixel_windows(p.internal[0], p.internal[1], tile_px, stride_px)
+    windows = [tuple(v * 8 for v in win) for win in
+               tile_windows(p.internal[0] // 8, p.internal[1] // 8, tile_latent(tile_px), max(int(stride_px) // 8, 1))]
     rows = len({win[0] for win in windows})
     cols = len(windows) // rows
     tiles = torch.stack([x[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in windows], 1).flatten(0, 1)
@@ -560,7 +579,7 @@ def pipeline_settings(o: RestoreOptions, tiled: bool, seed: int) -> Any:
         cfg_scale_start=float(s.cfg_scale_start), control_scale=float(s.control_scale),
         control_scale_start=None if math_isclose(s.control_scale_start, s.control_scale) else float(s.control_scale_start),
         restore_cfg=float(s.restore_cfg), restore_cfg_s_tmin=float(s.restore_cfg_s_tmin), seed=int(seed),
-        tiled=tiled, tile_size=max(int(s.tile_size) // 8, 1), tile_stride=max(int(s.tile_stride) // 8, 1),
+        tiled=tiled, tile_size=tile_latent(s.tile_size), tile_stride=max(int(s.tile_stride) // 8, 1),
         tile_batch_size=int(s.tile_batch_size), vae_tiling=_tiling(o.vae_tile_size if o.tiled_vae else None),
         prompt="", a_prompt="", n_prompt=o.negative, color_fix="AdaIn" if o.color_fix == "AdaIN" else o.color_fix)
 
