@@ -1,9 +1,10 @@
 """Tiny random-weight SUPIR checkpoints in the official layouts.
 
 ``models/checkpoints/tiny_sdxl.safetensors``: float16 SGM-layout SDXL checkpoint (``model.diffusion_model.*``
-UNet; the VAE / text-encoder parts are added by ``testing/tiny_supir_parts.py`` when present).
+UNet, ``first_stage_model.*`` VAE and ``conditioner.embedders.*`` text encoders; VAE and text parts from
+``testing/tiny_supir_parts.py``).
 ``models/checkpoints/tiny_supir_v0.safetensors``: float32 SUPIR-v0 checkpoint (``model.control_model.*``,
-``model.diffusion_model.project_modules.*``, ``first_stage_model.denoise_encoder.*`` when the parts exist).
+``model.diffusion_model.project_modules.*``, ``first_stage_model.denoise_encoder.*``).
 The UNet is a scaled-down SDXL (3 levels, transformers on levels 1-2, widths 32/64/64) whose
 attention heads are 64 wide like the official ones, so the default ``num_head_channels`` loads it.
 """
@@ -44,11 +45,10 @@ def tiny_state_dicts(seed: int = 0, unet: dict | None = None, adapter: dict | No
 
 
 def _parts(seed: int) -> tuple[dict, dict]:
-    """VAE + text weights from supir-vae-text's writer helpers, when that module exists."""
-    try:
-        from . import tiny_supir_parts as parts
-    except ImportError:
-        return {}, {}
+    """VAE (+ denoise encoder) and text-encoder weights whose widths fit TINY_UNET
+    (context 24 + 40 = 64, ADM 32 + 6 * 16 = 128)."""
+    from . import tiny_supir_parts as parts
+
     vae = parts.tiny_vae_state_dict(seed)
     sdxl_extra = {k: v for k, v in vae.items() if ".denoise_encoder." not in k}
     supir_extra = {k: v for k, v in vae.items() if ".denoise_encoder." in k}
