@@ -59,17 +59,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _match_size_embedding(model) -> None:
-    """Size-embedding width = (adm_in_channels - pooled width) / 6 (256 for SDXL; the tiny model differs)."""
-    text, adm = model.text, model.config.get("unet", {}).get("adm_in_channels")
-    if text is None or adm is None:
-        return
-    width = text.encode(["x"])["vector"].shape[1]
-    if width != adm:
-        pooled = width - 6 * text.size_embed_dim
-        text.size_embed_dim = (adm - pooled) // 6
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=_size, default=(256, 256), help="input image HxW in pixels")
@@ -111,7 +100,6 @@ def main(argv=None) -> None:
             sdxl, supir = args.sdxl, args.supir
         model = load_supir(sdxl, supir, dtype=dtype, vae_dtype=vae_dtype, device=device)
     load_s = time.perf_counter() - t0
-    _match_size_embedding(model)
 
     h, w = args.size
     import numpy as np
