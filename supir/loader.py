@@ -13,7 +13,8 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -375,6 +376,26 @@ def materialize(model: nn.Module, sources: list[tuple[str, TensorSource, str]], 
         raise ValueError("; ".join(msgs))
 
 
+def check_unexpected(model: nn.Module, sources: list[tuple[str, TensorSource, str]],
+                     exclude: tuple[str, ...] = ("project_modules.",)) -> None:
+    """Keys under a source prefix that the built model has no place for mean an architecture variant
+    the detection did not see: refuse rather than silently drop weights. Stray keys (``mask_LQ``,
+    ``denoiser.sigmas``) are ignored, and so are keys (relative to a source prefix) starting with
+    ``exclude``: those another source supplies (SUPIR's adapters inside a merged SDXL file)."""
+    wanted = set()
+    for name in model.state_dict():
+        for mprefix, src, sprefix in sources:
+            if name.startswith(mprefix):
+                wanted.add((id(src), sprefix + name[len(mprefix):]))
+                break
+    for mprefix, src, sprefix in sources:
+        extra = [k for k in src.keys() if k.startswith(sprefix) and (id(src), k) not in wanted
+                 and not k[len(sprefix):].startswith(exclude) and not IGNORED_KEYS.search(k)]
+        if extra:
+            raise ValueError(f"{src.name}: {len(extra)} unexpected tensors under '{sprefix}' (an architecture "
+                             f"variant this loader does not know), e.g. {sorted(extra)[:5]}")
+
+
 @dataclass
 class SupirModel:
     diffusion: SupirDiffusion
@@ -413,10 +434,11 @@ def load_diffusion(sdxl: str | Path | Mapping | TensorSource, supir: str | Path 
             raise ValueError(f"{p_src.name}: its GLVControl does not match the SDXL UNet of {s_src.name}: "
                              f"(unet, control) {mismatch}")
         model = build_diffusion(ucfg, acfg)
-        materialize(model, [("diffusion_model.project_modules.", p_src, sprefix + "diffusion_model.project_modules."),
-                            ("diffusion_model.", s_src, uprefix),
-                            ("control_model.", p_src, sprefix + "control_model.")],
-                    dtype, device, compute_dtype)
+        sources = [("diffusion_model.project_modules.", p_src, sprefix + "diffusion_model.project_modules."),
+                   ("diffusion_model.", s_src, uprefix),
+                   ("control_model.", p_src, sprefix + "control_model.")]
+        check_unexpected(model, [src for src in sources if src[2]])  # a bare UNet prefix "" holds everything
+        materialize(model, sources, dtype, device, compute_dtype)
     finally:
         s_src.close()
         p_src.close()
@@ -424,15 +446,6 @@ def load_diffusion(sdxl: str | Path | Mapping | TensorSource, supir: str | Path 
     model.eval()
     return model, {"unet": ucfg, "adapter": acfg, "dtype": str(dtype).replace("torch.", ""),
                    "num_head_channels": num_head_channels}
-
-
-def _sub_dict(src: TensorSource, prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k in src.keys():
-        for p in prefixes:
-            if k.startswith(p):
-                out[k[len(p):]] = src.get(k)
-    return out
 
 
 def load_supir(sdxl: str | Path | Mapping, supir: str | Path | Mapping, dtype: torch.dtype | str = torch.float32,
@@ -446,37 +459,87 @@ def load_supir(sdxl: str | Path | Mapping, supir: str | Path | Mapping, dtype: t
     vae = text = None
     if with_vae or with_text:
         vae, text = _load_vae_text(sdxl, supir, ops.as_dtype(vae_dtype), ops.as_dtype(dtype), device,
-                                   with_vae, with_text)
+                                   with_vae, with_text, cfg["unet"]["adm_in_channels"])
     return SupirModel(diffusion=diffusion, vae=vae, text=text, denoiser=SupirDenoiser(diffusion), config=cfg)
 
 
-def _load_vae_text(sdxl, supir, vae_dtype, dtype, device, with_vae, with_text):
-    """VAE (+ denoise encoder) and text conditioner through supir.vae / supir.text when present."""
-    try:
-        from .vae import build_vae
-    except ImportError:
-        build_vae = None
-    try:
-        from .text import build_text_conditioner
-    except ImportError:
-        build_text_conditioner = None
-    if not (build_vae and with_vae) and not (build_text_conditioner and with_text):
-        return None, None
+class LazyStateDict(Mapping):
+    """A read-only state-dict view of some sources under key prefixes, reading each tensor on access
+    (nothing cached), so a builder that converts tensor by tensor never holds a second full copy."""
+
+    def __init__(self, parts: list[tuple[TensorSource, str, str]], keep: tuple[str, ...] = ("",)):
+        # parts: (source, source prefix, key prefix in this view); keep: view-key prefixes to keep
+        self._index: dict[str, tuple[TensorSource, str]] = {}
+        for src, sprefix, vprefix in parts:
+            for k in src.keys():
+                view_key = vprefix + k[len(sprefix):]
+                if k.startswith(sprefix) and view_key.startswith(keep):
+                    self._index[view_key] = (src, k)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        src, k = self._index[key]
+        return src.get(k)
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+
+def _load_vae_text(sdxl, supir, vae_dtype, dtype, device, with_vae, with_text, adm_in_channels):
+    """VAE (+ SUPIR's denoise encoder) and the SDXL text conditioner, built by :mod:`.vae` / :mod:`.text`."""
+    from .text import build_text_conditioner
+    from .vae import build_vae
+
     s_src, p_src = open_source(sdxl, "SDXL checkpoint"), open_source(supir, "SUPIR checkpoint")
     try:
         vae = text = None
-        if build_vae and with_vae:
-            vsd = _sub_dict(s_src, ["first_stage_model."])
-            denoise = _sub_dict(p_src, ["first_stage_model.denoise_encoder."])
-            vsd.update({"denoise_encoder." + k: v for k, v in denoise.items()})
+        if with_vae:
+            vsd = LazyStateDict([(s_src, "first_stage_model.", ""),
+                                 (p_src, "first_stage_model.denoise_encoder.", "denoise_encoder."),
+                                 (p_src, "model.first_stage_model.denoise_encoder.", "denoise_encoder.")],
+                                keep=("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "denoise_encoder."))
             if vsd:
-                vae = build_vae(vsd, dtype=vae_dtype, device=device)
-        if build_text_conditioner and with_text:
-            tsd = _sub_dict(s_src, ["conditioner.embedders."])
-            if tsd:
-                text = build_text_conditioner(tsd, dtype=dtype if not ops.is_fp8(dtype) else torch.bfloat16,
-                                              device=device)
+                try:
+                    vae = build_vae(vsd, dtype=vae_dtype, device=device)
+                except ValueError as exc:
+                    raise ValueError(f"{s_src.name} / {p_src.name}: {exc}") from None
+        if with_text:
+            tsd = LazyStateDict([(s_src, "conditioner.embedders.", "")])
+            proj = "1.model.text_projection"
+            if tsd and proj in tsd:
+                pooled = s_src.shape("conditioner.embedders." + proj)[1]
+                size_dim = (adm_in_channels - pooled) // 6
+                compute = dtype if not ops.is_fp8(dtype) else torch.bfloat16
+                try:
+                    text = build_text_conditioner(tsd, dtype=compute, device=device, size_embed_dim=size_dim)
+                except ValueError as exc:
+                    raise ValueError(f"{s_src.name}: {exc}") from None
     finally:
         s_src.close()
         p_src.close()
     return vae, text
+
+
+def sdxl_state_dict_from_comfy(unet_sd: Mapping[str, torch.Tensor], vae_sd: Mapping[str, torch.Tensor] | None = None,
+                               clip_sd: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """An SGM-layout SDXL state dict (what :func:`load_supir` takes as ``sdxl``) from ComfyUI's parts:
+    the MODEL's UNet (``diffusion_model.*`` or bare ``input_blocks.*`` keys), ``VAE.get_sd()`` and
+    ``CLIP.get_sd()`` (``clip_l.*`` / ``clip_g.*``). Tensors are shared, not copied."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in unet_sd.items():
+        for p in ("model.diffusion_model.", "diffusion_model.", ""):
+            if k.startswith(p):
+                out["model.diffusion_model." + k[len(p):]] = v
+                break
+    for k, v in (vae_sd or {}).items():
+        out["first_stage_model." + k.removeprefix("first_stage_model.")] = v
+    if clip_sd:
+        from .text import comfy_clip_to_sgm
+
+        out.update({"conditioner.embedders." + k: v for k, v in comfy_clip_to_sgm(dict(clip_sd)).items()})
+    return out

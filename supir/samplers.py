@@ -65,12 +65,13 @@ def brownian_noise(like: torch.Tensor, sigma_min: float, sigma_max: float, seed:
         return gaussian_noise(torch.Generator().manual_seed(seed))
     lo, hi = float(sigma_min), float(sigma_max)
     w0 = torch.zeros(like.shape, dtype=torch.float32)
-    tree = torchsde.BrownianTree(lo, w0, hi, entropy=seed)
+    # a hair wider than [lo, hi]: torchsde rounds its end points and would warn at the schedule's ends
+    tree = torchsde.BrownianTree(lo * (1 - 1e-5), w0, hi * (1 + 1e-5), entropy=seed)
 
     def draw(x: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-        a, b = float(sigma), float(sigma_next)
+        a, b = float(sigma[0] if torch.is_tensor(sigma) and sigma.ndim else sigma), float(
+            sigma_next[0] if torch.is_tensor(sigma_next) and sigma_next.ndim else sigma_next)
         t0, t1, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
-        t0, t1 = max(t0, lo), min(t1, hi)  # the schedule never leaves [lo, hi] except by rounding
         w = tree(t0, t1) * sign
         return (w / abs(t1 - t0) ** 0.5).to(x.device, x.dtype)
 
@@ -79,7 +80,13 @@ def brownian_noise(like: torch.Tensor, sigma_min: float, sigma_max: float, seed:
 
 # ---- one guided network evaluation ---------------------------------------------------------------
 
-def _cat_rows(a: dict, b: dict) -> dict:
+def rows(cond: dict, b: int) -> dict:
+    """Conditioning with ``b`` rows (a single row is repeated for every sample)."""
+    return {k: (v.expand(b, *v.shape[1:]) if v.shape[0] == 1 and b > 1 else v) for k, v in cond.items()}
+
+
+def _cat_rows(a: dict, b: dict, n: int) -> dict:
+    a, b = rows(a, n), rows(b, n)
     return {k: torch.cat([a[k], b[k]]) for k in b}
 
 
@@ -91,9 +98,9 @@ def guided_denoise(denoiser: Denoiser, x: torch.Tensor, sigma_hat: torch.Tensor,
     ``sigma_hat``, ``sigma``, ``sigma_next`` are float32 tensors of shape [B] (equal entries).
     """
     scale = control_scale_at(sigma[0].item(), g)
-    both = denoiser(torch.cat([x, x]), torch.cat([sigma_hat, sigma_hat]), _cat_rows(uncond, cond),
+    both = denoiser(torch.cat([x, x]), torch.cat([sigma_hat, sigma_hat]), _cat_rows(uncond, cond, x.shape[0]),
                     torch.cat([hint, hint]), scale)
-    d_u, d_c = both.chunk(2)
+    d_u, d_c = both.float().chunk(2)
     denoised = d_u + cfg_at(sigma_hat, g).view(-1, 1, 1, 1) * (d_c - d_u)
     if x_center is not None and g.restore_cfg > 0 and sigma_next[0].item() > g.restore_cfg_s_tmin:
         denoised = denoised - (denoised - x_center) * restoration_weight(sigma.view(-1, 1, 1, 1), g)

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,12 +90,3 @@ def control_scale_at(sigma: float, g: Guidance) -> float:
 def restoration_weight(sigma: torch.Tensor, g: Guidance) -> torch.Tensor:
     """``(sigma / sigma_max) ** restore_cfg``: how far the denoised estimate moves towards ``x_center``."""
     return (sigma / g.sigma_max) ** g.restore_cfg
-
-
-def ddpm_sigma_table(num: int = NUM_TIMESTEPS, linear_start: float = 0.00085, linear_end: float = 0.012) -> torch.Tensor:
-    """The 1000 ascending DDPM sigmas (same values as ``denoiser.ddpm_sigmas``); for tests and tools
-    that run without a network."""
-    betas = np.linspace(math.sqrt(linear_start), math.sqrt(linear_end), num, dtype=np.float64) ** 2
-    abar = np.cumprod(1.0 - betas)
-    ratio = torch.from_numpy((1 - abar) / abar).float()
-    return ratio.sqrt()

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .samplers import (Denoiser, NoiseSource, _call, _per_batch, brownian_noise, dpmpp_2m_sde_step, edm_step,
-                       gaussian_noise)
+                       gaussian_noise, rows)
 from .schedules import Guidance, churn_gamma
 from .tiles import tile_windows
 
@@ -34,11 +34,6 @@ def gaussian_tile_weights(height: int, width: int) -> torch.Tensor:
         return torch.exp(-(v - mid) * (v - mid) / (size * size) / (2 * var)) / math.sqrt(2 * math.pi * var)
 
     return torch.outer(g(height, height / 2), g(width, (width - 1) / 2))
-
-
-def _rows(cond: dict, b: int) -> dict:
-    """Conditioning with ``b`` rows (a single row is repeated for every sample)."""
-    return {k: (v.expand(b, *v.shape[1:]) if v.shape[0] == 1 and b > 1 else v) for k, v in cond.items()}
 
 
 def _cut(t: torch.Tensor, w: Window) -> torch.Tensor:
@@ -61,9 +56,9 @@ def blend_tiles(step: Callable[..., dict], fields: dict, windows: list[Window], 
     for start in range(0, len(windows), max(1, tile_batch_size)):
         group = windows[start:start + max(1, tile_batch_size)]
         tiles = {k: (torch.cat([_cut(v, w) for w in group]) if v is not None else None) for k, v in fields.items()}
-        group_conds = [_rows(conds[start + j], b) for j in range(len(group))]
+        group_conds = [rows(conds[start + j], b) for j in range(len(group))]
         cond = {k: torch.cat([c[k] for c in group_conds]) for k in group_conds[0]}
-        unc = _rows(uncond, b)
+        unc = rows(uncond, b)
         unc = {k: torch.cat([v] * len(group)) for k, v in unc.items()}
         out = step(tiles, cond, unc)
         for name, value in out.items():
@@ -103,8 +98,8 @@ def tiled_restore_edm_sample(denoiser: Denoiser, noise: torch.Tensor, sigmas: to
         eps = noise_source(x, at(i), at(i + 1))  # drawn every step, like the reference
 
         def step(t: dict, c: dict, u: dict) -> dict:
-            rows = t["x"].shape[0]
-            sig, nxt = at(i)[:1].expand(rows), at(i + 1)[:1].expand(rows)
+            m = t["x"].shape[0]
+            sig, nxt = at(i)[:1].expand(m), at(i + 1)[:1].expand(m)
             x_t, den = edm_step(denoiser, t["x"], sig, nxt, gamma, s_noise, t["eps"], c, u, t["hint"],
                                 t["x_center"], g)
             return {"x": x_t, "denoised": den}
@@ -137,8 +132,8 @@ def tiled_restore_dpmpp_2m_sde_sample(denoiser: Denoiser, noise: torch.Tensor, s
         eps = noise_source(x, at(i), at(i + 1)) if i > 0 and sigmas[i + 1] > 0 else None
 
         def step(t: dict, c: dict, u: dict) -> dict:
-            rows = t["x"].shape[0]
-            sig, nxt = at(i)[:1].expand(rows), at(i + 1)[:1].expand(rows)
+            m = t["x"].shape[0]
+            sig, nxt = at(i)[:1].expand(m), at(i + 1)[:1].expand(m)
             x_t, den = dpmpp_2m_sde_step(denoiser, t["x"], sig, nxt, t["old"], h_last, eta, s_noise, t["eps"],
                                          c, u, t["hint"], t["x_center"], g)
             return {"x": x_t, "denoised": den}

@@ -20,7 +20,7 @@ from .harness import Case, assert_close
 
 
 @functools.lru_cache(maxsize=2)
-def _load(sdxl: str, supir: str):
+def _load(sdxl: str, supir: str, num_head_channels: int):
     try:
         from photo_restoration.supir.loader import load_supir
     except ModuleNotFoundError as exc:  # the loader comes from the supir-unet branch
@@ -28,12 +28,14 @@ def _load(sdxl: str, supir: str):
             raise
         pytest.skip(f"the production SUPIR loader is not available yet ({exc})")
 
-    return load_supir(sdxl, supir, dtype=torch.float32, vae_dtype=torch.float32, device="cpu")
+    return load_supir(sdxl, supir, dtype=torch.float32, vae_dtype=torch.float32, device="cpu",
+                      num_head_channels=num_head_channels)
 
 
 def _model(case: Case):
     w = case["weights"]
-    return _load(str(case.file(w["sdxl_base"])), str(case.file(w["supir"])))
+    heads = int(case["config"]["unet"].get("num_head_channels", 64))  # not visible in the weights
+    return _load(str(case.file(w["sdxl_base"])), str(case.file(w["supir"])), heads)
 
 
 def _atol(case: Case, name: str) -> float:
