@@ -11,8 +11,8 @@ from ..supir.caption import (
     caption_tiles,
     generation_memory,
     load_llava,
+    tile_crops,
 )
-from ..supir.tiles import pixel_windows
 from .comfy import (
     Managed,
     Progress,
@@ -137,6 +137,11 @@ class LlavaCaption:
                 "short_side": ("INT", {"default": CAPTION_SHORT_SIDE, "min": 0, "max": 4096, "step": 8,
                                        "tooltip": "Each picture or tile is first resized so its short side is "
                                                   "this (512 as in the official pipeline); 0 keeps its size."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                       "tooltip": "Pictures or tiles captioned together: more is faster on a GPU "
+                                                  "but needs more memory, and sampled captions then also depend "
+                                                  "on their neighbours. 1: each caption depends only on its "
+                                                  "picture."}),
                 "template": ("STRING", {"default": "", "multiline": False,
                                         "tooltip": "Prompt format with {question}, e.g. 'USER: <image>\\n{question} "
                                                    "ASSISTANT:'. Empty: the model's own chat template, else "
@@ -146,17 +151,16 @@ class LlavaCaption:
 
     def caption(self, llava: Managed, image, question: str, temperature: float, top_p: float, max_new_tokens: int,
                 seed: int, preprocess: str, tile_size: int, tile_stride: int, unload_after: bool,
-                short_side: int = CAPTION_SHORT_SIDE, template: str = ""):
+                short_side: int = CAPTION_SHORT_SIDE, batch_size: int = 1, template: str = ""):
         settings = CaptionSettings(question=question, temperature=temperature, top_p=top_p,
                                    max_new_tokens=max_new_tokens, seed=seed, preprocess=preprocess,
-                                   short_side=short_side, template=template)
+                                   short_side=short_side, template=template, batch_size=batch_size)
         pictures = image_to_bchw(image)
-        b, _, h, w = pictures.shape
-        per_picture = len(pixel_windows(h, w, tile_size, tile_stride)) if tile_size else 1
+        per_picture = len(tile_crops(pictures[0], tile_size, tile_stride)) if tile_size else 1
         managed_here = llava.patcher is not None or llava.model.quantization == "none"
         model = load(llava, generation_memory(llava.model, settings)) if managed_here else llava.model
         try:
-            with Progress(b * per_picture, "LLaVA captions") as progress:
+            with Progress(len(pictures) * per_picture, "LLaVA captions") as progress:
                 if tile_size:
                     captions = caption_tiles(model, pictures, tile_size, tile_stride, settings, progress)
                 else:

@@ -14,7 +14,6 @@ import torch
 
 IMAGE_SIZE = 32
 PATCH = 8
-PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 WORDS = ("a an the this its of in on with and is are very photo image picture painting style manner describe "
          "detailed realistic old young man woman child people dog cat bird tree trees flowers grass sky clouds "
@@ -45,40 +44,50 @@ def tiny_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", additional_special_tokens=["<image>"])
+                                   pad_token="<pad>", additional_special_tokens=["<image>"],
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
-def _configs(vocab_size: int, hidden: int = 32, layers: int = 2):
+def _configs(vocab_size: int, hidden: int, layers: int, image_size: int, patch: int):
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                              num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=hidden)
+    heads = max(2, hidden // 128)
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                              num_attention_heads=heads, image_size=image_size, patch_size=patch,
+                              projection_dim=hidden)
     text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=2, num_key_value_heads=2, vocab_size=vocab_size,
-                       max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab_size,
+                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     return vision, text
 
 
-def build_llava(family: str = "llava", seed: int = 0, hidden: int = 32, layers: int = 2):
-    """A random (model, processor) pair of the given family ("llava" or "llava_next") and size."""
+def build_llava(family: str = "llava", seed: int = 0, hidden: int = 32, layers: int = 2,
+                image_size: int = IMAGE_SIZE, patch: int = PATCH, vocab_size: int = 0):
+    """A random (model, processor) pair of the given family ("llava" or "llava_next") and size.
+
+    The defaults make the ~60k-parameter test models; ``hidden``/``layers``/``image_size``/``patch``/
+    ``vocab_size`` (embedding rows beyond the tiny tokenizer's words) scale it up for benchmarks,
+    e.g. 4096/32/336/14/32064 for the shapes of LLaVA-1.5-7B's language side.
+    """
     import transformers as tf
 
     tokenizer = tiny_tokenizer()
-    vision, text = _configs(len(tokenizer), hidden, layers)
+    vision, text = _configs(max(vocab_size, len(tokenizer)), hidden, layers, image_size, patch)
     common = dict(vision_config=vision, text_config=text, image_token_index=SPECIALS.index("<image>"),
                   vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=3)
-    proc_common = dict(tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
+    proc_common = dict(tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
                        num_additional_image_tokens=1)
-    size = {"shortest_edge": IMAGE_SIZE}
-    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    size = {"shortest_edge": image_size}
+    crop = {"height": image_size, "width": image_size}
+    pinpoints = [[image_size * a, image_size * b] for a, b in ((1, 1), (1, 2), (2, 1), (2, 2))]
     if family == "llava":
         config = tf.LlavaConfig(**common)
         image_processor = tf.CLIPImageProcessor(size=size, crop_size=crop)
         processor = tf.LlavaProcessor(image_processor=image_processor, **proc_common)
         model_cls = tf.LlavaForConditionalGeneration
     elif family == "llava_next":
-        config = tf.LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common)
-        image_processor = tf.LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=PINPOINTS)
+        config = tf.LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
+        image_processor = tf.LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=pinpoints)
         processor = tf.LlavaNextProcessor(image_processor=image_processor, chat_template=NEXT_CHAT_TEMPLATE,
                                           **proc_common)
         model_cls = tf.LlavaNextForConditionalGeneration
@@ -90,9 +99,9 @@ def build_llava(family: str = "llava", seed: int = 0, hidden: int = 32, layers: 
     return model, processor
 
 
-def save_llava(folder: Path, family: str, seed: int, hidden: int = 32, layers: int = 2) -> list[Path]:
-    """Write one tiny folder; returns the files written."""
-    model, processor = build_llava(family, seed, hidden, layers)
+def save_llava(folder: Path, family: str, seed: int, **size: int) -> list[Path]:
+    """Write one folder (sizes as :func:`build_llava`); returns the files written."""
+    model, processor = build_llava(family, seed, **size)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

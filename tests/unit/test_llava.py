@@ -81,6 +81,20 @@ def test_greedy_decoding_ignores_the_seed(llava):
     assert run(llava, x, temperature=0.0, seed=1)[0] == run(llava, x, temperature=0.0, seed=2)[0]
 
 
+def test_batched_generation_matches_one_by_one_when_greedy(llava, llava_next):
+    x = images(3)
+    assert run(llava, x, temperature=0.0, batch_size=2)[0] == run(llava, x, temperature=0.0)[0]
+    # LLaVA-NeXT: pictures of other shapes give prompts of other lengths, left-padded in the group
+    pictures = [Image.new("RGB", (64, 32), (200, 30, 30)), Image.new("RGB", (40, 40), (30, 30, 200)),
+                Image.new("RGB", (20, 60), (30, 200, 30))]
+    settings = cap.CaptionSettings(max_new_tokens=6, temperature=0.0, short_side=0)
+    with torch.inference_mode():
+        one_by_one = cap.caption_images(llava_next.model, pictures, settings)
+        settings.batch_size = 3
+        grouped = cap.caption_images(llava_next.model, pictures, settings)
+    assert grouped == one_by_one
+
+
 def test_the_input_image_is_not_modified(llava):
     x = images(2)
     before = x.clone()
@@ -99,6 +113,11 @@ def test_per_tile_mode_gives_one_caption_per_tile_in_sampler_order(llava):
         expected = [cap.caption_one(llava.model, pictures[i, :, h0:h1, w0:w1], cap.CaptionSettings(
             question=FAST["question"], max_new_tokens=6, seed=7)) for i in range(2) for h0, h1, w0, w1 in windows]
     assert captions == expected
+
+
+def test_pictures_smaller_than_a_latent_pixel_are_one_tile():
+    assert len(cap.tile_crops(torch.rand(3, 6, 40), 16, 8)) == 1
+    assert len(cap.tile_crops(torch.rand(3, 16, 40), 16, 8)) == len(pixel_windows(16, 40, 16, 8)) == 4
 
 
 def test_pad_to_square_keeps_the_whole_picture():
@@ -127,6 +146,7 @@ def test_llava_15_folder_without_chat_template_uses_the_official_conversation(ll
     assert cap.build_prompt(llava.model.processor, cap.DEFAULT_QUESTION) == \
         "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"
     assert cap.build_prompt(None, "q", "Q: {question} A:") == "<image>\nQ: q A:"
+    assert cap.build_prompt(None, "q", "USER: <image>\\n{question} ASSISTANT:") == "USER: <image>\nq ASSISTANT:"
 
 
 def test_captions_are_cleaned():
