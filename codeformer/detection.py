@@ -144,10 +144,6 @@ class FaceDetector(torch.nn.Module):
         self.net = net
         self.name = name
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
     @torch.no_grad()
     def raw(self, image_rgb_u8: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Head outputs (loc, face scores, landm) of one RGB image at its own size."""
