@@ -215,14 +215,14 @@ def restore(args: argparse.Namespace) -> int:
         options = replace(options, positive=args.prompt)
     if args.negative is not None:
         options = replace(options, negative=args.negative)
-    captioner = _llava_captioner(args.caption_llava) if args.caption_llava else None
+    captioner = _llava_captioner(args.caption_llava, handle) if args.caption_llava else None
     faces = _face_restorer(args) if args.faces else None
     for f in files:
         image = _load_image(f)
         captions = [args.caption] if args.caption else []
         if captioner is not None:
             captions = [captioner(image)]
-            print(f"restore: {f.name}: caption: {captions[0]}")
+            print(f"restore: {f.name}: caption: {captions[0][:200]}")
         result = S.restore(handle, image, options, captions)
         if faces is not None:
             result = faces(result)
@@ -233,13 +233,119 @@ def restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _llava_captioner(name: str):
-    """image [1,3,H,W] 0..1 -> caption, with the pack's LLaVA code (models/LLM/<name>)."""
-    raise SystemExit("restore: --caption-llava needs the LLaVA captioner (supir/caption.py), not in this build yet")
+def _llava_captioner(name: str, handle):
+    """image [1,3,H,W] 0..1 -> caption of its stage-1 (denoised) version, as the official pipeline does,
+    with the pack's LLaVA code (folder models/LLM/<name>)."""
+    import torch
+
+    from .nodes import comfy
+    from .nodes import supir_support as S
+    from .supir.caption import CaptionSettings, caption_images, load_llava
+
+    llava = load_llava(comfy.full_path("LLM", name), torch.float32 if comfy.torch_device().type == "cpu"
+                       else torch.float16, "none", comfy.torch_device())
+
+    def caption(image):
+        p = S.plan(image.shape[-2], image.shape[-1])
+        _, x1 = S.first_stage(handle, S.fit(image, p) * 2 - 1, 512, 512)
+        stage1 = S.unfit(((x1.cpu() + 1) / 2).clamp(0, 1), p.work, image.shape[-2:])
+        return caption_images(llava, stage1, CaptionSettings())[0]
+
+    return caption
 
 
 def _face_restorer(args: argparse.Namespace):
-    """image [1,3,H,W] 0..1 -> image with faces restored by CodeFormer."""
-    if getattr(args, "quiet_missing", False) and not _faces_available():
-        return None
-    raise SystemExit("restore: --faces needs the CodeFormer pipeline (codeformer/pipeline.py), not in this build yet")
+    """image [1,3,H,W] 0..1 -> image with faces restored by CodeFormer (None when quietly unavailable)."""
+    from .nodes import comfy
+
+    try:
+        from .codeformer.detection import DETECTOR_FILES, load_retinaface
+        from .codeformer.loader import load_codeformer
+        from .codeformer.parsing import PARSER_FILES, load_parser
+        from .codeformer.pipeline import FaceSettings, restore_faces
+        net = load_codeformer(comfy.full_path("facerestore_models", "codeformer.pth"), device=comfy.torch_device())
+        detector = load_retinaface(comfy.full_path("facedetection", DETECTOR_FILES["resnet50"]),
+                                   device=comfy.torch_device())
+        parser = load_parser(comfy.full_path("facedetection", PARSER_FILES["parsenet"]), device=comfy.torch_device())
+    except (ImportError, FileNotFoundError) as exc:
+        if getattr(args, "quiet_missing", False):
+            return None
+        raise SystemExit(f"restore: --faces: {exc}")
+    settings = FaceSettings(w=args.fidelity)
+
+    def restore(image):
+        res = restore_faces(image.movedim(1, -1), net, detector, parser, settings)
+        return res.images.movedim(-1, 1)[:, :3]
+
+    return restore
+
+
+def _faces_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="an image file or a folder of images")
+    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--models", default=None, help="models directory (ComfyUI layout; default $PHOTO_RESTORE_MODELS or ./models)")
+    p.add_argument("--codeformer", default=None, help="CodeFormer weights (default: <models>/facerestore_models/codeformer.pth)")
+    p.add_argument("-w", "--fidelity", type=float, default=0.5, help="fidelity w: 0 = quality, 1 = closer to the input")
+    p.add_argument("-s", "--upscale", type=int, default=1, help="output scale of the whole picture")
+    p.add_argument("--detector", choices=["resnet50", "mobilenet0.25"], default="resnet50")
+    p.add_argument("--parser", choices=["parsenet", "bisenet", "none"], default="parsenet")
+    p.add_argument("--helper", choices=["codeformer", "facexlib"], default="codeformer")
+    p.add_argument("--threshold", type=float, default=0.8, help="detection confidence")
+    p.add_argument("--only-center-face", action="store_true")
+    p.add_argument("--no-adain", action="store_true")
+    p.add_argument("--min-face", type=int, default=0)
+    p.add_argument("--max-face", type=int, default=0)
+    p.add_argument("--max-faces", type=int, default=0)
+    p.add_argument("--face-index", default="")
+    p.add_argument("--batch", type=int, default=8, help="faces per network call")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--save-faces", action="store_true", help="also write the aligned crops before/after")
+
+
+@command("faces", "restore the faces of image files with CodeFormer (same pipeline as the nodes)", _faces_args)
+def faces(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .codeformer.detection import DETECTOR_FILES, load_retinaface
+    from .codeformer.loader import load_codeformer
+    from .codeformer.parsing import PARSER_FILES, load_parser
+    from .codeformer.pipeline import FaceSettings, restore_faces
+
+    models = Path(args.models or os.environ.get("PHOTO_RESTORE_MODELS") or "models")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    src = Path(args.input)
+    exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+    files = sorted(p for p in src.iterdir() if p.suffix.lower() in exts) if src.is_dir() else [src]
+    if not files:
+        print(f"faces: no images in {src}")
+        return 1
+    net = load_codeformer(args.codeformer or models / "facerestore_models" / "codeformer.pth", device=device, dtype=dtype)
+    detector = load_retinaface(models / "facedetection" / DETECTOR_FILES[args.detector], device=device)
+    parser = None if args.parser == "none" else load_parser(models / "facedetection" / PARSER_FILES[args.parser], device=device)
+    settings = FaceSettings(w=args.fidelity, upscale=args.upscale, adain=not args.no_adain, helper=args.helper,
+                            conf_threshold=args.threshold, only_center_face=args.only_center_face,
+                            use_parse=parser is not None, min_face_size=args.min_face, max_face_size=args.max_face,
+                            max_faces=args.max_faces, face_index=args.face_index, batch_size=args.batch)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    to_pil = lambda t: Image.fromarray((t.clamp(0, 1).numpy() * 255).round().astype(np.uint8).squeeze(-1) if t.shape[-1] == 1 else (t.clamp(0, 1).numpy() * 255).round().astype(np.uint8))  # noqa: E731
+    for f in files:
+        img = Image.open(f)
+        mode = img.mode if img.mode in ("RGB", "RGBA", "L") else "RGB"
+        arr = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
+        x = torch.from_numpy(arr[..., None] if arr.ndim == 2 else arr)[None]
+        res = restore_faces(x, net, detector, parser, settings)
+        to_pil(res.images[0]).save(out / f"{f.stem}.png")
+        if args.save_faces and res.faces:
+            for i, (a, b) in enumerate(zip(res.cropped_faces, res.restored_faces)):
+                to_pil(a).save(out / f"{f.stem}_face{i:02d}_in.png")
+                to_pil(b).save(out / f"{f.stem}_face{i:02d}_out.png")
+        print(f"{f.name} -> {out / (f.stem + '.png')}\n{res.info}")
+    return 0

@@ -86,7 +86,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
 
 def decode_detections(loc: torch.Tensor, scores: torch.Tensor, landm: torch.Tensor, image_hw: tuple[int, int],
                       conf_threshold: float = 0.8, nms_threshold: float = 0.4,
-                      priors: torch.Tensor | None = None) -> dict[str, Any]:
+                      priors: torch.Tensor | None = None, variance=VARIANCE) -> dict[str, Any]:
     """Head outputs of one image (``loc (P,4)``, face ``scores (P,)``, ``landm (P,10)``) -> detections.
 
     Returns ``priors``, pixel ``boxes`` and ``landmarks`` for every prior and the kept ``detections``
@@ -97,8 +97,8 @@ def decode_detections(loc: torch.Tensor, scores: torch.Tensor, landm: torch.Tens
         priors = prior_boxes(image_hw)
     loc, landm, scores = loc.float().cpu(), landm.float().cpu(), scores.float().cpu()
     priors = priors.to(loc.device)
-    boxes = decode_boxes(loc, priors) * torch.tensor([w, h, w, h], dtype=torch.float32)
-    lms = decode_landmarks(landm, priors) * torch.tensor([w, h] * 5, dtype=torch.float32)
+    boxes = decode_boxes(loc, priors, variance) * torch.tensor([w, h, w, h], dtype=torch.float32)
+    lms = decode_landmarks(landm, priors, variance) * torch.tensor([w, h] * 5, dtype=torch.float32)
     s = scores.numpy()
     idx = np.where(s > conf_threshold)[0]
     idx = idx[np.argsort(-s[idx], kind="stable")]
@@ -143,10 +143,6 @@ class FaceDetector(torch.nn.Module):
         super().__init__()
         self.net = net
         self.name = name
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
 
     @torch.no_grad()
     def raw(self, image_rgb_u8: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

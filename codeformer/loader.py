@@ -114,7 +114,7 @@ def read_state_dict(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
                 metadata = dict(f.metadata() or {})
                 loaded: Any = {k: f.get_tensor(k) for k in f.keys()}
         else:
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unreadable, truncated or not a weights file at all
         raise ValueError(f"cannot read CodeFormer weights {path}: {type(exc).__name__}: {exc}") from exc
     return unwrap_state_dict(loaded, str(path)), metadata

@@ -97,8 +97,12 @@ def _face_size(affine: np.ndarray, face_size: int = F.FACE_SIZE) -> float:
     return face_size / max(scale, 1e-12)
 
 
-def select_faces(dets: np.ndarray, image_hw: tuple[int, int], s: FaceSettings) -> tuple[list[dict], list[str]]:
-    """Detections -> the faces to restore (with affine and size), plus notes on what was dropped."""
+def select_faces(dets: np.ndarray, image_hw: tuple[int, int], s: FaceSettings,
+                 px_scale: float = 1.0) -> tuple[list[dict], list[str]]:
+    """Detections -> the faces to restore (with affine and size), plus notes on what was dropped.
+
+    ``px_scale`` converts detection pixels to input pixels (sizes are gated and reported in input pixels).
+    """
     notes = []
     cands = []
     for i, d in enumerate(dets):
@@ -108,7 +112,7 @@ def select_faces(dets: np.ndarray, image_hw: tuple[int, int], s: FaceSettings) -
             continue
         lm = d[5:15].reshape(5, 2)
         affine = F.estimate_affine(lm)
-        size = _face_size(affine)
+        size = _face_size(affine) * px_scale
         if s.min_face_size and size < s.min_face_size:
             notes.append(f"detection {i} dropped: face size {size:.0f} px < min {s.min_face_size:g}")
             continue
@@ -261,7 +265,7 @@ def restore_faces(images: torch.Tensor, codeformer: Any, detector: Any, parser: 
         work_u8 = _to_u8(work01)
         gray = c in (1, 2) or F.is_gray(work_u8, s.gray_threshold)
         dets = detector.detect(work_u8, s.conf_threshold, s.nms_threshold, s.detect_resize, s.helper)
-        chosen, img_notes = select_faces(dets, work_u8.shape[:2], s)
+        chosen, img_notes = select_faces(dets, work_u8.shape[:2], s, px_scale=h / work_u8.shape[0])
         for face in chosen:
             face["image"] = i
             face["crop"] = F.align_face(work_u8, face["affine"], rgb=True)
@@ -373,12 +377,13 @@ def restore_faces(images: torch.Tensor, codeformer: Any, detector: Any, parser: 
             lines.append(f"  no faces restored: image {i} returned {'unchanged' if up == 1 else 'upscaled'}")
         lines += [f"  {t}" for t in item["notes"]]
         for j, face in enumerate(fr):
-            d = face["det"]
+            k_in = h / wh  # working frame -> input pixels
+            d = face["det"] * np.float32(k_in)
             mag = up * face["size"] / F.FACE_SIZE
             lines.append(f"  face {j}: score {face['score']:.3f}, box ({d[0]:.0f},{d[1]:.0f})-({d[2]:.0f},{d[3]:.0f}), "
                          f"size {face['size']:.0f} px, paste magnification {mag:.2f}")
             faces_out.append({"image": i, "index": j, "score": face["score"], "box": d[:4].tolist(),
-                              "landmarks": face["landmarks"].tolist(), "affine": face["affine"].tolist(),
+                              "landmarks": (face["landmarks"] * k_in).tolist(), "affine": face["affine"].tolist(),
                               "size": face["size"]})
     if n == 0:
         lines.append("no faces found: the output is the (upscaled) input")

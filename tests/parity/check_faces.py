@@ -97,12 +97,11 @@ def check_retinaface_decode(case) -> None:
     for b in range(batch):
         scores = torch.softmax(logits[b].float(), -1)[:, 1]
         res = detection.decode_detections(loc[b], scores, landm[b], hw, cfg["conf_threshold"], cfg["nms_threshold"],
-                                          priors=priors)
-        sel = (lambda t: t[b] if t.ndim == res_ndim + 1 else t)
+                                          priors=priors, variance=tuple(cfg.get("variance", detection.VARIANCE)))
         for key, got in (("scores", res["scores"]), ("boxes_px", res["boxes"]), ("landmarks_px", res["landmarks"])):
             ref = case.tensor(outs[key])
-            res_ndim = got.ndim
-            ref = sel(ref)
+            if ref.ndim == got.ndim + 1:  # one row of references per image of the batch
+                ref = ref[b]
             assert_close(key, got, ref, tol[key]["atol"], tol[key].get("rtol", 0))
         ref = ref_dets[b] if ref_dets.ndim == 3 else ref_dets
         got = torch.from_numpy(res["detections"])
