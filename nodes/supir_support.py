@@ -81,10 +81,25 @@ class SupirHandle:
     info: dict = field(default_factory=dict)
 
 
+class Part(torch.nn.Module):
+    """A plain container around one part of the model for ComfyUI's ModelPatcher, which sets attributes such as
+    ``device`` on the module it manages (the SUPIR parts expose read-only ``device``/``dtype`` properties)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.part = module
+
+
 def make_handle(model: Any, name: str, **info: Any) -> SupirHandle:
     """Put the three parts of a loaded SupirModel under the host's memory management."""
-    text = comfy.manage(model.text) if getattr(model, "text", None) is not None else None
-    return SupirHandle(model, comfy.manage(model.diffusion), comfy.manage(model.vae), text, name, dict(info))
+    text = comfy.manage(Part(model.text)) if getattr(model, "text", None) is not None else None
+    return SupirHandle(model, comfy.manage(Part(model.diffusion)), comfy.manage(Part(model.vae)), text, name,
+                       dict(info))
+
+
+def bring(managed: comfy.Managed, memory_required: int = 0) -> Any:
+    """The part of a handle on the compute device (evicting other models in ComfyUI when needed)."""
+    return comfy.load(managed, memory_required=int(memory_required)).part
 
 
 def load_supir_files(sdxl: Any, supir: Any, weight_dtype: str, vae_dtype: str, name: str) -> SupirHandle:
@@ -237,7 +252,7 @@ def encode_prompts(handle: SupirHandle, texts: list[str]) -> dict:
     if handle.text is None:
         raise ValueError("This SUPIR model has no text encoders (the SDXL checkpoint had no `conditioner.` weights); "
                          "load an SDXL checkpoint that includes CLIP-L and OpenCLIP bigG.")
-    text = comfy.load(handle.text)
+    text = bring(handle.text)
     with torch.inference_mode():
         cond = text.encode(list(texts))
     device = comfy.intermediate_device()
@@ -368,7 +383,7 @@ def math_isclose(a: float, b: float) -> bool:
 
 def _vae(handle: SupirHandle, pixels: int) -> Any:
     # activation estimate for the memory manager: ~ a few hundred bytes per pixel for the SDXL VAE
-    return comfy.load(handle.vae, memory_required=int(pixels) * 400)
+    return bring(handle.vae, memory_required=int(pixels) * 400)
 
 
 def _tiling(tile_px: int | None) -> Any:
@@ -438,7 +453,7 @@ def sample_one(handle: SupirHandle, hint: torch.Tensor, x_center: torch.Tensor |
         hint = F.pad(hint, (0, pw, 0, ph), mode="replicate")
         x_center = None if x_center is None else F.pad(x_center, (0, pw, 0, ph), mode="replicate")
     lat_px = hint.shape[-1] * hint.shape[-2]
-    network = comfy.load(handle.diffusion, memory_required=int(lat_px) * 64 * 1024 * (2 if not s.tiled else 1))
+    network = bring(handle.diffusion, memory_required=int(lat_px) * 64 * 1024 * (2 if not s.tiled else 1))
     denoiser = handle.model.denoiser
     device, dtype = comfy.torch_device(), torch.float32  # the network casts to its compute dtype itself
     generator = torch.Generator("cpu").manual_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
@@ -614,10 +629,10 @@ def restore(handle: SupirHandle, images: torch.Tensor, o: RestoreOptions, captio
             else:
                 start = 0 if how == "per_tile" else i * tiles
                 caps = [texts[start:start + tiles]]
-            comfy.load(handle.vae, memory_required=p.internal[0] * p.internal[1] * 400)
+            bring(handle.vae, memory_required=p.internal[0] * p.internal[1] * 400)
             if handle.text is not None:
-                comfy.load(handle.text)
-            comfy.load(handle.diffusion, memory_required=p.internal[0] * p.internal[1] * 1024 * (1 if tiled else 2))
+                bring(handle.text)
+            bring(handle.diffusion, memory_required=p.internal[0] * p.internal[1] * 1024 * (1 if tiled else 2))
             x = images[i:i + 1].to(comfy.torch_device())
             try:
                 with torch.inference_mode():
