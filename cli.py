@@ -91,6 +91,8 @@ def demo(args: argparse.Namespace) -> int:
 # restore
 # --------------------------------------------------------------------------------------------
 
+PRESET_NAMES = {"quality": "Quality", "fidelity": "Fidelity", "lightning": "Lightning",
+                "lightning-fidelity": "Lightning Fidelity"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
@@ -101,13 +103,16 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sdxl", help="SDXL checkpoint file (default: the only non-SUPIR file in models/checkpoints)")
     p.add_argument("--supir", help="SUPIR checkpoint file (default: the file named *supir* in checkpoints/model_patches)")
     p.add_argument("--upscale", type=float, default=2.0, help="output = round(input x this) (default 2)")
-    p.add_argument("--preset", choices=["quality", "fidelity", "lightning"], default="quality")
+    p.add_argument("--preset", choices=list(PRESET_NAMES), default="quality",
+                   help="official settings: quality (EDM 50 steps, cfg 4->7.5), fidelity (cfg 1->4), lightning "
+                        "(DPM++ 8 steps, cfg 2; SDXL Lightning models), lightning-fidelity (cfg 1.5)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", help="positive prompt (default: the official one)")
     p.add_argument("--negative", help="negative prompt (default: the official one)")
     p.add_argument("--caption", help="a caption to put before the prompt")
     p.add_argument("--caption-llava", metavar="NAME", help="caption each image with this LLaVA folder from models/LLM")
+    p.add_argument("--caption-tokens", type=int, default=512, help="longest LLaVA caption in tokens (official 512)")
     p.add_argument("--tiled", action="store_true", help="always use tiled sampling (default: auto above 1.5x1.5 tiles)")
     p.add_argument("--no-tiling", action="store_true", help="never use tiled sampling")
     p.add_argument("--tile-size", type=int, default=1024, help="sampler tile in pixels (default 1024)")
@@ -207,7 +212,7 @@ def restore(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"restore: loading {Path(sdxl).name} + {Path(supir).name}")
     handle = S.load_supir_files(sdxl, supir, args.dtype, "auto", name=Path(supir).name)
-    preset = S.PRESETS[args.preset.capitalize()]
+    preset = S.PRESETS[PRESET_NAMES[args.preset]]
     settings = S.with_settings(preset, steps=args.steps, seed=args.seed, tile_size=args.tile_size,
                                tile_stride=args.tile_stride)
     options = S.RestoreOptions(
@@ -218,7 +223,7 @@ def restore(args: argparse.Namespace) -> int:
         options = replace(options, positive=args.prompt)
     if args.negative is not None:
         options = replace(options, negative=args.negative)
-    captioner = _llava_captioner(args.caption_llava, handle) if args.caption_llava else None
+    captioner = _llava_captioner(args.caption_llava, handle, args.caption_tokens) if args.caption_llava else None
     faces = _face_restorer(args) if args.faces else None
     for f in files:
         image = _load_image(f)
@@ -237,7 +242,7 @@ def restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _llava_captioner(name: str, handle):
+def _llava_captioner(name: str, handle, max_new_tokens: int = 512):
     """image [1,3,H,W] 0..1 -> caption of its stage-1 (denoised) version, as the official pipeline does,
     with the pack's LLaVA code (folder models/LLM/<name>)."""
     import torch
@@ -253,7 +258,7 @@ def _llava_captioner(name: str, handle):
         p = S.plan(image.shape[-2], image.shape[-1])
         _, x1 = S.first_stage(handle, S.fit(image, p) * 2 - 1, 512, 512)
         stage1 = S.unfit(((x1.cpu() + 1) / 2).clamp(0, 1), p.work, image.shape[-2:])
-        return caption_images(llava, stage1, CaptionSettings())[0]
+        return caption_images(llava, stage1, CaptionSettings(max_new_tokens=max_new_tokens))[0]
 
     return caption
 

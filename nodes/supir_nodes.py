@@ -150,8 +150,9 @@ class FirstStage:
             for i in range(b):
                 bar.check_interrupt()
                 xi = S.fit(x[i:i + 1], p).clamp(0, 1) * 2 - 1
-                zi, si = S.first_stage(supir, xi, _vae_tiles(tiled_vae, encoder_tile_size),
-                                     _vae_tiles(tiled_vae, decoder_tile_size))
+                with S.oom_advice("the first stage (VAE)", *p.internal, tiled_vae):
+                    zi, si = S.first_stage(supir, xi, _vae_tiles(tiled_vae, encoder_tile_size),
+                                           _vae_tiles(tiled_vae, decoder_tile_size))
                 stage1.append(S.unfit((si.float().cpu() + 1) / 2, p.work, (h, w)))
                 z.append(zi.float().cpu())
                 bar.advance()
@@ -186,7 +187,8 @@ class Encode:
             for i in range(b):
                 bar.check_interrupt()
                 xi = S.fit(x[i:i + 1], p).clamp(0, 1) * 2 - 1
-                z.append(S.vae_encode(supir, xi, _vae_tiles(tiled_vae, encoder_tile_size)).float().cpu())
+                with S.oom_advice("encoding (VAE)", *p.internal, tiled_vae):
+                    z.append(S.vae_encode(supir, xi, _vae_tiles(tiled_vae, encoder_tile_size)).float().cpu())
                 bar.advance()
         return (S.latent_dict(torch.cat(z), (h, w), p.work),)
 
@@ -216,7 +218,8 @@ class Decode:
         with comfy.Progress(z.shape[0], "SUPIR decode") as bar:
             for i in range(z.shape[0]):
                 bar.check_interrupt()
-                xi = S.vae_decode(supir, z[i:i + 1], _vae_tiles(tiled_vae, decoder_tile_size))
+                with S.oom_advice("decoding (VAE)", z.shape[-2] * 8, z.shape[-1] * 8, tiled_vae):
+                    xi = S.vae_decode(supir, z[i:i + 1], _vae_tiles(tiled_vae, decoder_tile_size))
                 out.append(S.unfit(((xi.float().cpu() + 1) / 2).clamp(0, 1), work, size).clamp(0, 1))
                 bar.advance()
         return (bchw_to_image(torch.cat(out)),)
@@ -418,8 +421,9 @@ class Restore:
             "upscale_by": ("FLOAT", {"default": 2.0, "min": 0.25, "max": 8.0, "step": 0.05,
                                      "tooltip": "Output size = round(input size x this)."}),
             "preset": (list(S.PRESETS), {"default": "Quality", "tooltip": "Quality: EDM 50 steps, cfg 4 -> 7.5. "
-                       "Fidelity: EDM 50 steps, cfg 1 -> 4, closer to the input. Lightning: DPM++ 2M SDE 8 steps, "
-                       "cfg 2 -> 1.5, for Lightning SDXL finetunes."}),
+                       "Fidelity: EDM 50 steps, cfg 1 -> 4, closer to the input. Lightning (for SDXL Lightning "
+                       "finetunes): DPM++ 2M SDE 8 steps, cfg 2 (official with SUPIR-v0Q); Lightning Fidelity: cfg "
+                       "1.5 (official with v0F)."}),
             "seed": spec["seed"],
             "steps": ("INT", {"default": 0, "min": 0, "max": 500, "tooltip": "0 = the preset's steps."}),
             "positive_prompt": ("STRING", {"multiline": True, "default": S.OFFICIAL_POSITIVE,
@@ -448,7 +452,12 @@ class Restore:
             upscale_by=upscale_by, preset=preset, seed=seed, steps=steps, positive_prompt=positive_prompt,
             negative_prompt=negative_prompt, min_short_side=min_short_side, tiling=tiling, tile_size=tile_size,
             tile_stride=tile_stride, color_fix=color_fix, tiled_vae=tiled_vae).items()}
-        images = torch.cat([image_to_bchw(i) for i in image]) if isinstance(image, list) else image_to_bchw(image)
+        parts = [image_to_bchw(i) for i in image] if isinstance(image, list) else [image_to_bchw(image)]
+        if len({tuple(p.shape[-2:]) for p in parts}) > 1:
+            raise ValueError(f"SUPIR Restore got {len(parts)} images of different sizes "
+                             f"({', '.join(f'{p.shape[-1]}x{p.shape[-2]}' for p in parts)}); one IMAGE holds one size: "
+                             "restore them in separate runs or resize them to one size first.")
+        images = torch.cat(parts)
         options = S.RestoreOptions(
             upscale=one["upscale_by"], min_short_side=one["min_short_side"], tiling=one["tiling"],
             color_fix=one["color_fix"], tiled_vae=one["tiled_vae"], positive=one["positive_prompt"],

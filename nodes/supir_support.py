@@ -6,6 +6,7 @@ imports are done inside the functions so the node modules import even where a pa
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -52,12 +53,16 @@ class SamplerSettings:
     tile_batch_size: int = 4
 
 
-# Official presets (research notes section 8): gradio "Quality" / "Fidelity" resets and the Lightning YAML.
+# Official presets: the gradio demo's "Quality" / "Fidelity" resets (s_cfg = cfg at the end, spt_linear_CFG =
+# cfg at the start) and options/SUPIR_v0_Juggernautv9_lightning.yaml `default_setting` (8 steps, cfg 2.0 with
+# SUPIR-v0Q, 1.5 with v0F, constant), with the GUI's s_noise 1.003 / churn 5.
 PRESETS: dict[str, SamplerSettings] = {
     "Quality": SamplerSettings(sampler="edm", steps=50, cfg_scale_start=4.0, cfg_scale=7.5, s_churn=5, s_noise=1.003),
     "Fidelity": SamplerSettings(sampler="edm", steps=50, cfg_scale_start=1.0, cfg_scale=4.0, s_churn=5, s_noise=1.003),
-    "Lightning": SamplerSettings(sampler="dpmpp_2m_sde", steps=8, cfg_scale_start=2.0, cfg_scale=1.5, s_churn=5,
+    "Lightning": SamplerSettings(sampler="dpmpp_2m_sde", steps=8, cfg_scale_start=2.0, cfg_scale=2.0, s_churn=5,
                                  s_noise=1.003, eta=1.0),
+    "Lightning Fidelity": SamplerSettings(sampler="dpmpp_2m_sde", steps=8, cfg_scale_start=1.5, cfg_scale=1.5,
+                                          s_churn=5, s_noise=1.003, eta=1.0),
 }
 
 
@@ -194,39 +199,19 @@ def size_keys(latent: dict) -> dict:
 # Prompts and captions
 # --------------------------------------------------------------------------------------------
 
-_TOKENIZER = None
-
-
-def _tokenizer():
-    global _TOKENIZER  # a pure-text BPE vocabulary, not a model: safe to keep per process
-    if _TOKENIZER is None:
-        from open_clip.tokenizer import SimpleTokenizer
-
-        _TOKENIZER = SimpleTokenizer()
-    return _TOKENIZER
-
-
-def join_prompt(caption: str, positive: str, mode: str = CAPTION_MODES[0], budget: int = 75) -> str:
-    """The positive text for one image or tile.
+def join_prompt(caption: str, positive: str, mode: str = CAPTION_MODES[0]) -> str:
+    """The positive text for one image or tile (``supir.text.assemble_prompt``).
 
     Official: ``caption + positive`` with no separator (the text encoders then cut at 77 tokens, so
     a long caption pushes the positive prompt out). "keep positive": the positive prompt is kept
-    whole and the caption is cut to the tokens left (``budget`` = 77 minus start/end tokens).
+    whole and the caption, followed by ", ", is cut word by word to the tokens left.
     """
+    from ..supir.text import assemble_prompt
+
     caption = (caption or "").strip()
-    if not caption:
-        return positive
     if mode == CAPTION_MODES[0]:
-        return caption + positive
-    tok = _tokenizer()
-    pos_ids = tok.encode(positive) if positive else []
-    room = budget - len(pos_ids) - (1 if positive else 0)
-    if room <= 0:
-        return positive
-    cap_ids = tok.encode(caption)
-    if len(cap_ids) > room:
-        caption = tok.decode(cap_ids[:room]).strip()
-    return f"{caption}, {positive}" if positive else caption
+        return assemble_prompt(caption, positive, "official")
+    return assemble_prompt(caption, positive, "keep_positive", separator=", ")
 
 
 def split_captions(values: Sequence[Any] | None) -> list[str]:
@@ -331,17 +316,33 @@ def _preview_image(image: Any) -> Any:
 
 
 def oom_error(exc: BaseException, what: str, h: int, w: int, tiled: bool) -> RuntimeError:
-    """An out-of-memory error users can act on, with numbers."""
+    """An out-of-memory error users can act on, with numbers. ``tiled``: whether the failing stage was tiled
+    (tiled sampling for the sampler, the tiled VAE for VAE stages)."""
     tips = []
-    if not tiled:
-        tips.append("turn on tiled sampling (tile 1024 px, stride 512 px; tile_batch_size 1 uses least memory)")
+    if "VAE" in what:
+        tips.append("lower the VAE tile size to 256 px" if tiled else "turn on the tiled VAE (512 px tiles)")
+        tips.append("use vae_dtype bf16 in Load SUPIR")
     else:
-        tips.append("lower tile_batch_size to 1 or the tile size to 768 px")
-    tips.append("turn on the tiled VAE (512 px encoder/decoder tiles)")
-    tips.append("load the weights as fp8 in Load SUPIR (about half the memory of fp16)")
+        if not tiled:
+            tips.append("turn on tiled sampling (tile 1024 px, stride 512 px; tile_batch_size 1 uses least memory)")
+        else:
+            tips.append("lower tile_batch_size to 1 or the tile size to 768 px")
+        tips.append("turn on the tiled VAE (512 px encoder/decoder tiles)")
+        tips.append("load the weights as fp8 in Load SUPIR (about half the memory of fp16)")
     mp = h * w / 1e6
     return RuntimeError(f"SUPIR ran out of memory in {what} at {w}x{h} px ({mp:.1f} megapixels). To fit: "
                         + "; ".join(tips) + f". (Original error: {str(exc).splitlines()[0][:200]})")
+
+
+@contextlib.contextmanager
+def oom_advice(what: str, h: int, w: int, tiled: bool):
+    """Turn an out-of-memory error inside the block into :func:`oom_error`."""
+    try:
+        yield
+    except Exception as exc:
+        if comfy.is_oom(exc):
+            raise oom_error(exc, what, h, w, tiled) from exc
+        raise
 
 
 def with_settings(base: SamplerSettings, **overrides: Any) -> SamplerSettings:
