@@ -20,6 +20,7 @@ MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 STEPS = (8, 16, 32)
 VARIANCE = (0.1, 0.2)
 BGR_MEAN = (104.0, 117.0, 123.0)
+MAX_DETECT_SIDE = 4096
 
 DETECTOR_FILES = {
     "resnet50": "detection_Resnet50_Final.pth",
@@ -174,6 +175,11 @@ class FaceDetector(torch.nn.Module):
                 factor = resize / min(h, w)
                 nh, nw = int(h * factor), int(w * factor)
                 interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+            if max(nh, nw) > MAX_DETECT_SIDE:  # guard for extreme aspect ratios (not in the references)
+                factor = factor * MAX_DETECT_SIDE / max(nh, nw)
+                nh, nw = max(int(h * factor), 1), max(int(w * factor), 1)
+                if helper != "facexlib":
+                    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
             if (nh, nw) != (h, w) and nh > 0 and nw > 0:
                 img = cv2.resize(image_rgb_u8, (nw, nh), interpolation=interp)
             else:

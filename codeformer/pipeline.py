@@ -24,6 +24,8 @@ import torch
 from . import faces as F
 
 Upscaler = Callable[[torch.Tensor], torch.Tensor]
+# Small inputs are worked on at a 512 short side, but never beyond this long side (a 1x4000 strip).
+MAX_WORK_SIDE = 4096
 
 
 @dataclass
@@ -260,8 +262,10 @@ def restore_faces(images: torch.Tensor, codeformer: Any, detector: Any, parser: 
         rgb01 = np.ascontiguousarray(np.clip(rgb01, 0, 1), dtype=np.float32)
         work01 = rgb01
         if s.helper == "codeformer" and s.upsize_small and min(h, w) < 512:
-            f = 512.0 / min(h, w)
-            work01 = cv2.resize(rgb01, (0, 0), fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+            f = min(512.0 / min(h, w), MAX_WORK_SIDE / max(h, w))  # guard: extreme aspect ratios
+            if f > 1:
+                work01 = cv2.resize(rgb01, (max(round(w * f), 1), max(round(h * f), 1)), interpolation=cv2.INTER_LINEAR)
+                work01 = work01.reshape(work01.shape[0], work01.shape[1], 3)
         work_u8 = _to_u8(work01)
         gray = c in (1, 2) or F.is_gray(work_u8, s.gray_threshold)
         dets = detector.detect(work_u8, s.conf_threshold, s.nms_threshold, s.detect_resize, s.helper)

@@ -14,9 +14,10 @@ pads the picture to a square instead (LLaVA's ``expand2square``) so the whole fr
 
 By default each picture is captioned on its own with the generator re-seeded, so a caption depends
 only on the picture and the settings, never on its position in a batch; ``batch_size`` > 1 captions
-several pictures per ``generate`` call (faster on a GPU, sampled captions then depend on the group). :func:`caption_tiles` cuts every
-picture with :func:`..tiles.pixel_windows` (the tiled sampler's grid and order) and captions each
-tile, so the list lines up with the sampler's per-tile conditioning.
+several pictures per ``generate`` call (faster on a GPU; sampled captions then depend on the group).
+:func:`caption_tiles` cuts every picture with :func:`..tiles.pixel_windows` (the tiled sampler's
+grid and order) and captions each tile, so the list lines up with the sampler's per-tile
+conditioning.
 """
 from __future__ import annotations
 
@@ -363,15 +364,17 @@ def caption_tiles(llava: Llava, images: torch.Tensor | Sequence[Image.Image], ti
 
 
 def generation_memory(llava: Llava, settings: CaptionSettings, prompt_tokens: int | None = None) -> int:
-    """A generous estimate (bytes) of what one caption needs beyond the weights: the KV cache for
-    the image + prompt + new tokens (LLaVA-1.5: 576 image tokens; NeXT: up to ~2900), the vision
-    tower's activations and a margin."""
+    """A generous estimate (bytes) of what one ``generate`` call needs beyond the weights: the KV
+    cache of every picture of a group for the image + prompt + new tokens (LLaVA-1.5: 576 image
+    tokens; NeXT: up to ~2900), plus half again and 512 MiB for the vision tower and the logits."""
     if prompt_tokens is None:
         prompt_tokens = 700 if llava.family == "llava" else 3000
     text_cfg = getattr(llava.model.config, "text_config", llava.model.config)
     hidden = getattr(text_cfg, "hidden_size", 4096)
     layers = getattr(text_cfg, "num_hidden_layers", 32)
+    heads = getattr(text_cfg, "num_attention_heads", 32) or 32
+    kv_dim = hidden * (getattr(text_cfg, "num_key_value_heads", None) or heads) // heads
     itemsize = torch.finfo(llava.compute_dtype).bits // 8 if llava.compute_dtype.is_floating_point else 2
     seq = prompt_tokens + int(settings.max_new_tokens)
-    kv = 2 * layers * seq * hidden * itemsize
+    kv = 2 * layers * seq * kv_dim * itemsize * max(1, int(settings.batch_size))
     return int(kv * 1.5) + 512 * 1024 * 1024

@@ -32,12 +32,31 @@ SIZE_EMBED_DIM = 256  # official ConcatTimestepEmbedderND outdim
 
 # ---- tokenisation ---------------------------------------------------------------------------------
 
+def _open_clip_tokenizer_module():
+    """``open_clip.tokenizer`` without running ``open_clip/__init__`` (which imports timm, torchvision and
+    the model zoo: seconds of start-up for a text tokeniser). The module has no package-relative imports."""
+    import importlib.util
+    import sys
+
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"]
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the SDXL tokeniser needs the open-clip-torch package (see requirements.txt)")
+    path = next(iter(spec.submodule_search_locations)) + "/tokenizer.py"
+    mod_spec = importlib.util.spec_from_file_location("_photo_restoration_open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception:  # an open_clip version whose tokenizer needs its package: import it normally
+        import open_clip.tokenizer as module
+    return module
+
+
 @functools.lru_cache(maxsize=1)
 def bpe_tokenizer():
     """open_clip's SimpleTokenizer over its bundled ``bpe_simple_vocab_16e6.txt.gz`` (offline)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+    return _open_clip_tokenizer_module().SimpleTokenizer()
 
 
 def encode_text(text: str) -> list[int]:

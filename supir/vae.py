@@ -11,8 +11,8 @@ Conventions of :class:`SupirVAE`: images are RGB in [-1, 1], [B, 3, H, W]; laten
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch

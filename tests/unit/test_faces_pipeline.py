@@ -100,7 +100,7 @@ def test_input_is_never_modified(detector):
     assert torch.equal(img, before)
 
 
-@pytest.mark.parametrize("shape", [(1, 64, 80, 4), (1, 64, 80, 1), (1, 1, 1, 3), (3, 40, 30, 3)])
+@pytest.mark.parametrize("shape", [(1, 64, 80, 4), (1, 64, 80, 1), (1, 1, 1, 3), (3, 40, 30, 3), (1, 2, 900, 3)])
 def test_odd_inputs_do_not_crash(detector, shape):
     img = torch.rand(shape, generator=torch.Generator().manual_seed(1))
     res = restore_faces(img, StubCodeFormer(), detector, use_parse=False, upscale=2)

@@ -225,3 +225,17 @@ def test_pil_pictures_are_accepted(llava):
         got = cap.caption_images(llava.model, [Image.new("RGB", (40, 30), (10, 200, 30))],
                                  cap.CaptionSettings(max_new_tokens=4))
     assert len(got) == 1
+
+
+def test_memory_estimate_grows_with_the_group_and_the_caption_length(llava):
+    base = cap.generation_memory(llava.model, cap.CaptionSettings())
+    assert cap.generation_memory(llava.model, cap.CaptionSettings(batch_size=4)) > base
+    assert cap.generation_memory(llava.model, cap.CaptionSettings(max_new_tokens=2048)) > base
+
+
+def test_incomplete_folder_is_a_clear_error(models_dir, tmp_path):
+    broken = tmp_path / "llava-broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((models_dir / "LLM" / "llava-tiny" / "config.json").read_text())
+    with pytest.raises(ValueError, match="llava-broken"):
+        cap.load_llava(broken, torch.float32)

@@ -14,7 +14,9 @@ from photo_restoration.supir.samplers import (dpmpp_2m_sde_step, gaussian_noise,
                                               restore_dpmpp_2m_sde_sample, restore_edm_sample)
 from photo_restoration.supir.schedules import (SIGMA_MAX, Guidance, cfg_at, churn_gamma, control_scale_at,
                                                dpmpp_sigmas, edm_sigmas, karras_sigmas)
-from photo_restoration.supir.tiled_sampling import gaussian_tile_weights, tiled_restore_edm_sample
+from photo_restoration.supir.samplers import brownian_noise
+from photo_restoration.supir.tiled_sampling import (gaussian_tile_weights, tiled_restore_dpmpp_2m_sde_sample,
+                                                    tiled_restore_edm_sample)
 from photo_restoration.supir.tiles import tile_windows
 
 TABLE = ddpm_sigmas()
@@ -226,6 +228,27 @@ def test_dpmpp_brownian_noise_is_seeded():
                                                    guidance=Guidance(), seed=seed)
     assert torch.equal(run(3), run(3))
     assert not torch.allclose(run(3), run(4))
+
+
+def test_brownian_noise_falls_back_to_gaussian_without_torchsde(monkeypatch, caplog):
+    import sys
+
+    like = torch.zeros(1, 4, 3, 3)
+    monkeypatch.setitem(sys.modules, "torchsde", None)  # import torchsde -> ImportError
+    draw = brownian_noise(like, 0.1, 10.0, seed=3)
+    assert "torchsde" in caplog.text
+    assert draw(like, torch.tensor([2.0]), torch.tensor([1.0])).shape == like.shape
+
+
+def test_tiled_dpmpp_with_one_tile_equals_the_untiled_sampler():
+    c, u = conds()
+    noise, hint, xc = latents(1, 6, 7)
+    sigmas = dpmpp_sigmas(TABLE, 4)
+    g = Guidance(cfg_scale=3.0, restore_cfg=2.0)
+    plain = restore_dpmpp_2m_sde_sample(ToyDenoiser(), noise, sigmas, c, u, hint, xc, guidance=g, seed=11)
+    tiled = tiled_restore_dpmpp_2m_sde_sample(ToyDenoiser(), noise, sigmas, c, u, hint, xc, guidance=g, seed=11,
+                                              tile_size=8, tile_stride=4)
+    torch.testing.assert_close(tiled, plain, atol=1e-5, rtol=1e-6)
 
 
 def test_dpmpp_last_step_returns_the_denoised_estimate():

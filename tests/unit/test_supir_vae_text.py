@@ -223,7 +223,11 @@ def test_conditioning_shapes_and_vector_layout(tiny_text):
 
 
 def test_bigg_matches_open_clip_text_tower(tiny_text):
+    from open_clip import tokenize
     from open_clip.transformer import TextTransformer
+
+    texts = ["a photo of a dog", "Colourised OLD photograph &amp; sharp", "word " * 90]
+    assert torch.equal(T.tokenize_clip_g(texts), tokenize(texts))
 
     g = tiny_text.clip_g
     ref = TextTransformer(width=40, heads=1, layers=2, output_dim=32)
