@@ -388,13 +388,20 @@ class Tiles:
     def INPUT_TYPES(cls):
         spec = sampler_inputs()
         return {"required": {
-            "image": ("IMAGE", {"tooltip": "The image SUPIR will restore, at its final size (e.g. the stage-1 image)."}),
+            "image": ("IMAGE", {"tooltip": "The image SUPIR will restore (e.g. the stage-1 image)."}),
             "tile_size": spec["tile_size"],
             "tile_stride": spec["tile_stride"],
+        }, "optional": {
+            "upscale_by": ("FLOAT", {"default": 1.0, "min": 0.25, "max": 8.0, "step": 0.05, "tooltip":
+                           "1 when the image is already at its final size (step-by-step graph); SUPIR Restore's "
+                           "upscale_by when captioning for SUPIR Restore."}),
+            "min_short_side": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64, "tooltip":
+                               "0 for the step-by-step graph; SUPIR Restore's min_short_side when captioning for it."}),
         }}
 
-    def tile(self, image, tile_size, tile_stride):
-        tiles, layout, rows, cols = S.cut_tiles(image_to_bchw(image), tile_size, tile_stride)
+    def tile(self, image, tile_size, tile_stride, upscale_by=1.0, min_short_side=0):
+        tiles, layout, rows, cols = S.cut_tiles(image_to_bchw(image), tile_size, tile_stride, upscale_by,
+                                                min_short_side)
         return bchw_to_image(tiles), layout, rows * cols, rows, cols
 
 

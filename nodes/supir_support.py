@@ -541,13 +541,14 @@ def color_fix_images(image: torch.Tensor, reference: torch.Tensor, method: str) 
     return bchw_to_image((out + 1) / 2)
 
 
-def cut_tiles(x: torch.Tensor, tile_px: int, stride_px: int) -> tuple[torch.Tensor, str, int, int]:
-    """The sampler's tile grid over an image batch [B,3,H,W] at its final size (fitted to the internal
-    size as the first stage does): (tiles batch, layout text, rows, columns)."""
+def cut_tiles(x: torch.Tensor, tile_px: int, stride_px: int, upscale: float = 1.0, min_short_side: int = 0
+              ) -> tuple[torch.Tensor, str, int, int]:
+    """The sampler's tile grid over an image batch [B,3,H,W], sized as SUPIR Restore / the first stage size it
+    (upscale, short-side rule, padding to the internal size): (tiles batch, layout text, rows, columns)."""
     from ..supir.tiles import tile_windows
 
     b, _, h, w = x.shape
-    p = plan(h, w)
+    p = plan(h, w, upscale, min_short_side)
     x = fit(x, p)
     windows = [tuple(v * 8 for v in win) for win in
                tile_windows(p.internal[0] // 8, p.internal[1] // 8, tile_latent(tile_px), max(int(stride_px) // 8, 1))]

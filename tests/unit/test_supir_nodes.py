@@ -184,6 +184,10 @@ def test_tiles_node_matches_the_sampler_grid():
     # image-major: the first `count` tiles come from image 0, and tile 0 is its top-left corner
     assert torch.allclose(tiles[0], img[0, :128, :128], atol=1e-6)
     assert torch.allclose(tiles[count], img[1, :128, :128], atol=1e-6)
+    # sized like SUPIR Restore: upscale x2 with the short-side rule
+    up = N.Tiles().tile(img, 1024, 512, 2.0, 1024)
+    grid = latent_tile_windows(200, 330, RestoreSettings(upscale=2.0, min_size=1024, tile_size=128, tile_stride=64))
+    assert up[2] == len(grid) and up[0].shape[1:3] == (1024, 1024)
 
 
 def test_oom_errors_say_what_to_change():
