@@ -1,8 +1,9 @@
 """What the SUPIR nodes share: the model handle, presets, sizes, prompts and error messages.
 
 Thin glue between ComfyUI's data (IMAGE [B,H,W,C] in 0..1, unscaled LATENT dicts, STRING lists)
-and the pack's SUPIR code in ``supir/`` (images in [-1, 1], latents scaled by 0.13025). The SUPIR
-imports are done inside the functions so the node modules import even where a part is missing.
+and the pack's SUPIR code in ``supir/`` (images in [-1, 1], latents scaled by 0.13025). Every call
+into ``supir/`` the nodes and the command line make goes through here; the model parts are imported
+where they are used, so listing the nodes stays cheap.
 """
 from __future__ import annotations
 
@@ -348,10 +349,6 @@ def oom_advice(what: str, h: int, w: int, tiled: bool):
 def with_settings(base: SamplerSettings, **overrides: Any) -> SamplerSettings:
     """A copy of ``base`` with the non-None overrides applied."""
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 LATENT_MULTIPLE = 8  # latent sides the sampler works on are multiples of this (64 px)
