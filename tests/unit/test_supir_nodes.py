@@ -562,7 +562,8 @@ def test_cli_restore_a_folder(models_dir, tmp_path):
     synthetic_photo(45, 37).save(src / "a.png")
     synthetic_photo(40, 40, seed=1).save(src / "b.jpg")
     code = main(["restore", str(src), "--out", str(tmp_path / "out"), "--models", str(models_dir), "--steps", "2",
-                 "--min-short-side", "0", "--preset", "lightning", "--caption", "a photo"])
+                 "--min-short-side", "0", "--preset", "lightning", "--caption", "a photo", "--tiled", "--tile-size", "64",
+                 "--tile-stride", "32"])
     assert code == 0
     code = main(["restore", str(src / "a.png"), "--out", str(tmp_path / "llava"), "--models", str(models_dir),
                  "--steps", "1", "--min-short-side", "0", "--caption-llava", "llava-tiny", "--caption-tokens", "4",
@@ -587,3 +588,48 @@ def test_cli_demo_writes_the_restored_photo(tmp_path):
     with Image.open(tmp_path / "restored" / "input.png") as im:
         assert im.size == (96, 80)
     comfy.set_models_dir(None)
+
+
+# ---- inside ComfyUI -----------------------------------------------------------------------------------
+
+PREVIEW_SCRIPT = """
+import sys, os, json, importlib.util, torch
+sys.path.insert(0, os.getcwd())
+from comfy.cli_args import args, LatentPreviewMethod
+args.cpu = True
+args.preview_method = LatentPreviewMethod.Latent2RGB
+import folder_paths, comfy.model_management, comfy.utils
+spec = importlib.util.spec_from_file_location("pack_under_test", os.path.join(sys.argv[1], "__init__.py"),
+                                              submodule_search_locations=[sys.argv[1]])
+pack = importlib.util.module_from_spec(spec); sys.modules["pack_under_test"] = pack; spec.loader.exec_module(pack)
+adapter = sys.modules["pack_under_test.nodes.comfy"]
+support = sys.modules["pack_under_test.nodes.supir_support"]
+seen = []
+comfy.utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: seen.append([v, t, type(p[1]).__name__ if p else None]))
+with adapter.Progress(4, "x") as bar:
+    cb = support.Callbacks(bar, adapter.latent_preview_fn(), runs=2)
+    cb.run = 1
+    cb.progress(1, 2, preview=torch.randn(1, 4, 8, 8))
+    cb.progress(2, 2, preview=None)
+print("RESULT" + json.dumps(seen))
+"""
+
+
+def test_sampler_progress_carries_latent_previews_in_comfyui(tmp_path):
+    """Inside ComfyUI a sampler step's denoised latent becomes a preview picture on the node's progress bar;
+    steps of image 2 of a batch continue the bar."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip("COMFYUI_PATH is not set: no ComfyUI checkout to test against")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", PREVIEW_SCRIPT, str(root)],
+                          cwd=path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert seen == [[3, 4, "Image"], [4, 4, None]]
