@@ -370,3 +370,33 @@ def latent_preview_fn() -> Callable[[torch.Tensor], Any] | None:
         return previewer.decode_latent_to_preview(x0[:1])
 
     return to_image
+
+
+# --------------------------------------------------------------------------------------------
+# ComfyUI models as plain state dicts
+# --------------------------------------------------------------------------------------------
+
+def state_dicts_from_comfy(model: Any, clip: Any = None, vae: Any = None) -> dict[str, torch.Tensor]:
+    """One SGM-layout (checkpoint-layout) state dict from ComfyUI's MODEL, CLIP and VAE.
+
+    Keys as in an SDXL checkpoint file: ``model.diffusion_model.*``, ``first_stage_model.*``,
+    ``conditioner.embedders.0.transformer.*`` (CLIP-L), ``conditioner.embedders.1.model.*`` (bigG).
+    The models are loaded with their patches baked in first (LoRAs, merges), exactly as ComfyUI's
+    checkpoint saving does. Tensors may live on the compute device; the caller copies what it needs.
+    """
+    clip_sd = vae_sd = None
+    patchers = [model]
+    if clip is not None:
+        patchers.append(clip.load_model())
+        clip_sd = clip.get_sd()
+    if vae is not None:
+        vae_sd = vae.get_sd()
+    if comfy_present():
+        import comfy.model_management as mm
+
+        mm.load_models_gpu(patchers, force_patch_weights=True)
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "state_dict_for_saving"):
+        raise ValueError("Load SUPIR (from MODEL/CLIP/VAE) needs a ComfyUI MODEL (e.g. from Load Checkpoint); "
+                         f"got {type(model).__name__}.")
+    return dict(inner.state_dict_for_saving(clip_sd, vae_sd, None))
