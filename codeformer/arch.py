@@ -77,10 +77,9 @@ class ResBlock(nn.Module):
         self.conv_out = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.conv_out is None else self.conv_out(x)
-        return h + skip
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in place on fresh tensors: lower peak memory
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.conv_out is None else self.conv_out(x))
 
 
 class AttnBlock(nn.Module):
@@ -315,12 +314,14 @@ class CodeFormer(nn.Module):
 
     # -- stages ---------------------------------------------------------------------------------------------
 
-    def encode(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """(B, 3, H, W) -> latent ``lq_feat`` and the encoder features the fusion blocks use."""
+    def encode(self, x: Tensor, keep_features: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """(B, 3, H, W) -> latent ``lq_feat`` and (if ``keep_features``) the encoder features the fusion blocks
+        use. ``x`` is cast to the model's dtype."""
         size = self.config.img_size
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (size, size):
             raise ValueError(f"CodeFormer expects faces shaped (B, 3, {size}, {size}), got {tuple(x.shape)}")
-        return self.encoder(x, keep=tuple(self.fuse_convs_dict.keys()))
+        x = x.to(self.position_emb.dtype)
+        return self.encoder(x, keep=tuple(self.fuse_convs_dict.keys()) if keep_features else ())
 
     def predict_logits(self, lq_feat: Tensor) -> Tensor:
         """Latent (B, emb_dim, h, w) -> code logits (B, h*w, K)."""
@@ -331,7 +332,7 @@ class CodeFormer(nn.Module):
         return self.idx_pred_layer(x)
 
     def decode(self, quant: Tensor, enc_feats: dict[str, Tensor], w: float | Tensor = 0.0) -> Tensor:
-        """Generator from codebook features, fusing encoder features with fidelity ``w`` (skipped when all w == 0)."""
+        """Generator from codebook features, fusing encoder features with fidelity ``w`` (skipped when no w > 0)."""
         weight = _fidelity(w, quant.shape[0], quant)
         fuse = {i: r for r, i in self.generator.taps.items() if r in self.fuse_convs_dict} if weight is not None else {}
         x = quant
@@ -347,10 +348,11 @@ class CodeFormer(nn.Module):
         """Restore faces ``x`` (B, 3, 512, 512) RGB in [-1, 1]; returns the raw (unclamped) output image, or with
         ``return_codes`` a :class:`CodeFormerOutput` (out, logits, lq_feat, code_idx).
 
-        ``w`` (fidelity) is a number or a tensor with one value per batch element; 0 decodes the predicted codes
-        only, larger values pull the result towards the input.
+        ``w`` (fidelity) is a number or a tensor with one value per batch element; 0 (or less) decodes the predicted
+        codes only, larger values pull the result towards the input (trained with 1 and 1.3; UIs offer 0..1).
         """
-        lq_feat, enc_feats = self.encode(x)
+        fusing = _fidelity(w, x.shape[0], x) is not None
+        lq_feat, enc_feats = self.encode(x, keep_features=fusing)
         logits = self.predict_logits(lq_feat)
         code_idx = logits.argmax(dim=2)
         quant = self.quantize.lookup(code_idx, lq_feat.shape[-1])
@@ -363,15 +365,17 @@ class CodeFormer(nn.Module):
 
 
 def _fidelity(w: float | Tensor, batch: int, like: Tensor) -> float | Tensor | None:
-    """``w`` as a python float or a (B, 1, 1, 1) tensor; None when every value is 0 (fusion skipped)."""
+    """``w`` as a python float or a (B, 1, 1, 1) tensor; None when no value is > 0 (fusion skipped).
+
+    As in the reference (``if w > 0``), a fidelity <= 0 means no fusion: negative values count as 0."""
     if not isinstance(w, Tensor):
         w = float(w)
-        return w if w != 0 else None
+        return w if w > 0 else None
     if w.numel() == 1:
         value = float(w.reshape(()).item())
-        return value if value != 0 else None
+        return value if value > 0 else None
     if w.numel() != batch:
         raise ValueError(f"w has {w.numel()} values for a batch of {batch}")
-    if not bool((w != 0).any()):
+    if not bool((w > 0).any()):
         return None
-    return w.reshape(batch, 1, 1, 1).to(device=like.device, dtype=like.dtype)
+    return w.reshape(batch, 1, 1, 1).clamp(min=0).to(device=like.device, dtype=like.dtype)

@@ -160,11 +160,12 @@ def test_w_zero_decodes_the_codes_alone_and_w_scales_the_fusion(micro, micro_sd,
         assert (w1 - w0).abs().mean() > 1e-2  # the encoder features pull the result at w == 1
         assert not torch.equal(micro(faces, w=0.5), w1)
         assert torch.equal(micro(faces, w=torch.tensor(0.0)), w0)
+        assert torch.equal(micro(faces, w=-0.5), w0)  # like the reference's `if w > 0`
 
 
 def test_per_sample_w_equals_separate_scalar_runs(micro, faces):
     with torch.inference_mode():
-        batched = micro(faces, w=torch.tensor([0.0, 0.7]))
+        batched = micro(faces, w=torch.tensor([-1.0, 0.7]))  # <= 0: no fusion for that face
         singles = [micro(faces[i:i + 1], w=w) for i, w in enumerate((0.0, 0.7))]
     assert torch.allclose(batched, torch.cat(singles), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="3 values for a batch of 2"):
@@ -214,3 +215,17 @@ def test_tiny_writer_makes_an_official_style_file_for_512_faces(tmp_path):
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, 512, 512), w=0.0)
     assert out.shape == (1, 3, 512, 512) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("config", [
+    {"nf": 32, "ch_mult": [1, 1, 2, 2, 1, 2], "dim_embd": 48, "dim_mlp": 96, "n_layers": 3, "codebook_size": 40,
+     "connect_list": ["32", "64", "128"]},
+    {"nf": 64, "ch_mult": [1, 1, 1], "img_size": 64, "res_blocks": 1, "attn_resolutions": [16, 32], "emb_dim": 8,
+     "connect_list": ["16", "64"], "n_layers": 0},
+])
+def test_detect_config_recovers_other_configurations(config):
+    model = build_codeformer({**TINY_CONFIG, **config})
+    sd = {k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}
+    detected = detect_config(sd)
+    assert {k: detected[k] for k in config} == config
+    assert list(build_codeformer(detected).state_dict()) == list(sd)
