@@ -376,55 +376,24 @@ def materialize(model: nn.Module, sources: list[tuple[str, TensorSource, str]], 
         raise ValueError("; ".join(msgs))
 
 
-@dataclass
-class SupirModel:
-    diffusion: SupirDiffusion
-    vae: Any = None  # supir.vae.SupirVAE (None until available)
-    text: Any = None  # supir.text.SDXLTextConditioner | None
-    denoiser: SupirDenoiser | None = None
-    config: dict = field(default_factory=dict)
-
-    @property
-    def scale_factor(self) -> float:
-        return getattr(self.vae, "scale_factor", SCALE_FACTOR)
-
-
-def load_diffusion(sdxl: str | Path | Mapping | TensorSource, supir: str | Path | Mapping | TensorSource,
-                   dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-                   num_head_channels: int = 64, compute_dtype: torch.dtype | None = None) -> tuple[SupirDiffusion, dict]:
-    """SupirDiffusion (UNet + adapters + GLVControl) from an SDXL and a SUPIR source; returns it and its config."""
-    dtype = ops.as_dtype(dtype)
-    s_src, p_src = open_source(sdxl, "SDXL checkpoint"), open_source(supir, "SUPIR checkpoint")
-    try:
-        uprefix, ushapes = sdxl_unet_view(s_src)
-        sprefix = supir_view(p_src)
-        try:
-            ucfg = detect_unet_config(ushapes, num_head_channels)
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{s_src.name}: cannot read the SDXL UNet layout ({exc})") from None
-        pshapes = {k[len(sprefix):]: p_src.shape(k) for k in p_src.keys() if k.startswith(sprefix)}
-        try:
-            ccfg = detect_unet_config({k: v for k, v in pshapes.items() if k.startswith("control_model.")},
-                                      num_head_channels)
-            acfg = detect_adapter_config(pshapes, ucfg)
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{p_src.name}: cannot read the SUPIR layout ({exc})") from None
-        mismatch = {k: (ucfg[k], ccfg[k]) for k in ucfg if k not in ("out_channels",) and ucfg[k] != ccfg[k]}
-        if mismatch:
-            raise ValueError(f"{p_src.name}: its GLVControl does not match the SDXL UNet of {s_src.name}: "
-                             f"(unet, control) {mismatch}")
-        model = build_diffusion(ucfg, acfg)
-        materialize(model, [("diffusion_model.project_modules.", p_src, sprefix + "diffusion_model.project_modules."),
-                            ("diffusion_model.", s_src, uprefix),
-                            ("control_model.", p_src, sprefix + "control_model.")],
-                    dtype, device, compute_dtype)
-    finally:
-        s_src.close()
-        p_src.close()
-    model.compute_dtype = compute_dtype or ops.default_compute_dtype(dtype)
-    model.eval()
-    return model, {"unet": ucfg, "adapter": acfg, "dtype": str(dtype).replace("torch.", ""),
-                   "num_head_channels": num_head_channels}
+def check_unexpected(model: nn.Module, sources: list[tuple[str, TensorSource, str]],
+                     exclude: tuple[str, ...] = ("project_modules.",)) -> None:
+    """Keys under a source prefix that the built model has no place for mean an architecture variant
+    the detection did not see: refuse rather than silently drop weights. Stray keys (``mask_LQ``,
+    ``denoiser.sigmas``) are ignored, and so are keys (relative to a source prefix) starting with
+    ``exclude``: those another source supplies (SUPIR's adapters inside a merged SDXL file)."""
+    wanted = set()
+    for name in model.state_dict():
+        for mprefix, src, sprefix in sources:
+            if name.startswith(mprefix):
+                wanted.add((id(src), sprefix + name[len(mprefix):]))
+                break
+    for mprefix, src, sprefix in sources:
+        extra = [k for k in src.keys() if k.startswith(sprefix) and (id(src), k) not in wanted
+                 and not k[len(sprefix):].startswith(exclude) and not IGNORED_KEYS.search(k)]
+        if extra:
+            raise ValueError(f"{src.name}: {len(extra)} unexpected tensors under '{sprefix}' (an architecture "
+                             f"variant this loader does not know), e.g. {sorted(extra)[:5]}")
 
 
 @dataclass
@@ -465,10 +434,11 @@ def load_diffusion(sdxl: str | Path | Mapping | TensorSource, supir: str | Path 
             raise ValueError(f"{p_src.name}: its GLVControl does not match the SDXL UNet of {s_src.name}: "
                              f"(unet, control) {mismatch}")
         model = build_diffusion(ucfg, acfg)
-        materialize(model, [("diffusion_model.project_modules.", p_src, sprefix + "diffusion_model.project_modules."),
-                            ("diffusion_model.", s_src, uprefix),
-                            ("control_model.", p_src, sprefix + "control_model.")],
-                    dtype, device, compute_dtype)
+        sources = [("diffusion_model.project_modules.", p_src, sprefix + "diffusion_model.project_modules."),
+                   ("diffusion_model.", s_src, uprefix),
+                   ("control_model.", p_src, sprefix + "control_model.")]
+        check_unexpected(model, [src for src in sources if src[2]])  # a bare UNet prefix "" holds everything
+        materialize(model, sources, dtype, device, compute_dtype)
     finally:
         s_src.close()
         p_src.close()
@@ -476,15 +446,6 @@ def load_diffusion(sdxl: str | Path | Mapping | TensorSource, supir: str | Path 
     model.eval()
     return model, {"unet": ucfg, "adapter": acfg, "dtype": str(dtype).replace("torch.", ""),
                    "num_head_channels": num_head_channels}
-
-
-def _sub_dict(src: TensorSource, prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k in src.keys():
-        for p in prefixes:
-            if k.startswith(p):
-                out[k[len(p):]] = src.get(k)
-    return out
 
 
 def load_supir(sdxl: str | Path | Mapping, supir: str | Path | Mapping, dtype: torch.dtype | str = torch.float32,
@@ -562,3 +523,23 @@ def _load_vae_text(sdxl, supir, vae_dtype, dtype, device, with_vae, with_text, a
         s_src.close()
         p_src.close()
     return vae, text
+
+
+def sdxl_state_dict_from_comfy(unet_sd: Mapping[str, torch.Tensor], vae_sd: Mapping[str, torch.Tensor] | None = None,
+                               clip_sd: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """An SGM-layout SDXL state dict (what :func:`load_supir` takes as ``sdxl``) from ComfyUI's parts:
+    the MODEL's UNet (``diffusion_model.*`` or bare ``input_blocks.*`` keys), ``VAE.get_sd()`` and
+    ``CLIP.get_sd()`` (``clip_l.*`` / ``clip_g.*``). Tensors are shared, not copied."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in unet_sd.items():
+        for p in ("model.diffusion_model.", "diffusion_model.", ""):
+            if k.startswith(p):
+                out["model.diffusion_model." + k[len(p):]] = v
+                break
+    for k, v in (vae_sd or {}).items():
+        out["first_stage_model." + k.removeprefix("first_stage_model.")] = v
+    if clip_sd:
+        from .text import comfy_clip_to_sgm
+
+        out.update({"conditioner.embedders." + k: v for k, v in comfy_clip_to_sgm(dict(clip_sd)).items()})
+    return out

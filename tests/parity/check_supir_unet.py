@@ -30,6 +30,8 @@ def _check(case) -> None:
     x, sigma, hint = t["input.x"], t["input.sigma"], t["input.control"]
     cond = {"crossattn": t["input.c_crossattn"], "vector": t["input.c_vector"]}
     scale = case["params"]["control_scale"]
+    if isinstance(scale, (list, tuple)):  # per-sample scales
+        scale = torch.tensor(scale, dtype=torch.float32)
     outs = case["outputs"]
     den = model.denoiser
     with torch.no_grad():

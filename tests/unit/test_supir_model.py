@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from photo_restoration.supir.control import LightGLVUNet, SupirDiffusion
 from photo_restoration.supir.denoiser import ddpm_sigmas, quantize_sigma
 from photo_restoration.supir.loader import (build_diffusion, detect_adapter_config, detect_unet_config, load_diffusion,
-                                            load_supir, read_state_dict)
+                                            load_supir, read_state_dict, sdxl_state_dict_from_comfy)
+from photo_restoration.supir.text import sgm_to_comfy_clip
 from photo_restoration.supir.unet import SDXL_CONFIG
 from photo_restoration.testing.tiny_supir import TINY_ADAPTER, TINY_UNET, tiny_state_dicts, write_tiny_supir
 
@@ -175,6 +176,19 @@ def test_tiny_files_load_into_a_complete_model(tiny_files):
     assert out.shape == z.shape and torch.isfinite(out).all()
 
 
+def test_model_from_comfyui_model_vae_and_clip_state_dicts(tiny_files):
+    full = read_state_dict(tiny_files[0])
+    unet = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.diffusion_model.")}
+    vae = {k[len("first_stage_model."):]: v for k, v in full.items() if k.startswith("first_stage_model.")}
+    clip = sgm_to_comfy_clip({k[len("conditioner.embedders."):]: v for k, v in full.items()
+                              if k.startswith("conditioner.embedders.")})
+    model = load_supir(sdxl_state_dict_from_comfy(unet, vae, clip), tiny_files[1])
+    ref = load_supir(*tiny_files)
+    for a, b in [(model.diffusion, ref.diffusion), (model.vae, ref.vae), (model.text, ref.text)]:
+        for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(p, q), n
+
+
 def test_comfyui_style_state_dicts_and_stray_keys(tiny_files):
     sdxl, supir = tiny_state_dicts(seed=3)
     comfy = {k[len("model."):]: v.half() for k, v in sdxl.items()}  # ComfyUI MODEL: diffusion_model.*
@@ -244,6 +258,16 @@ def test_truncated_and_incomplete_files_name_what_is_missing(tmp_path, tiny_file
     ckpt.write_bytes(ckpt.read_bytes()[:5000])
     with pytest.raises(ValueError, match=r"supir\.ckpt"):
         load_supir(sdxl_path, ckpt, with_vae=False)
+
+
+def test_unknown_extra_weights_are_refused_but_a_merged_file_loads(tmp_path, tiny_files):
+    sdxl, supir = tiny_state_dicts(seed=1)
+    odd = dict(sdxl, **{"model.diffusion_model.input_blocks.1.2.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"odd\.safetensors.*unexpected.*input_blocks\.1\.2\.weight"):
+        load_diffusion(_write(tmp_path, "odd.safetensors", odd), tiny_files[1])
+    merged = _write(tmp_path, "merged.safetensors", {**sdxl, **supir})  # SDXL + SUPIR in one file
+    model, _ = load_diffusion(merged, merged)
+    assert not any(p.is_meta for p in model.parameters())
 
 
 def test_official_ckpt_pickle_loads_like_safetensors(tmp_path, tiny_files):
