@@ -32,12 +32,31 @@ SIZE_EMBED_DIM = 256  # official ConcatTimestepEmbedderND outdim
 
 # ---- tokenisation ---------------------------------------------------------------------------------
 
+def _open_clip_tokenizer_module():
+    """``open_clip.tokenizer`` without running ``open_clip/__init__`` (which imports timm, torchvision and
+    the model zoo: seconds of start-up for a text tokeniser). The module has no package-relative imports."""
+    import importlib.util
+    import sys
+
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"]
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the SDXL tokeniser needs the open-clip-torch package (see requirements.txt)")
+    path = next(iter(spec.submodule_search_locations)) + "/tokenizer.py"
+    mod_spec = importlib.util.spec_from_file_location("_photo_restoration_open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception:  # an open_clip version whose tokenizer needs its package: import it normally
+        import open_clip.tokenizer as module
+    return module
+
+
 @functools.lru_cache(maxsize=1)
 def bpe_tokenizer():
     """open_clip's SimpleTokenizer over its bundled ``bpe_simple_vocab_16e6.txt.gz`` (offline)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+    return _open_clip_tokenizer_module().SimpleTokenizer()
 
 
 def encode_text(text: str) -> list[int]:
@@ -268,10 +287,21 @@ class _ClipGEmbedder(nn.Module):
 class SDXLTextConditioner(nn.Module):
     """Both SDXL text encoders; ``state_dict()`` keys equal the official ones after ``conditioner.``."""
 
-    def __init__(self, clip_l: ClipL, clip_g: OpenClipText, size_embed_dim: int = SIZE_EMBED_DIM):
+    def __init__(self, clip_l: ClipL, clip_g: OpenClipText, size_embed_dim: int | None = None):
         super().__init__()
         self.embedders = nn.ModuleList([clip_l, _ClipGEmbedder(clip_g)])
-        self.size_embed_dim = size_embed_dim
+        self.size_embed_dim = size_embed_dim or default_size_embed_dim(clip_g.text_projection.shape[1])
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.clip_g.text_projection.shape[1]
+
+    def match_adm(self, adm_in_channels: int) -> None:
+        """Set the size-embedding width from the UNet's ADM input width (= pooled + 6 * E)."""
+        e, rest = divmod(adm_in_channels - self.pooled_dim, 6)
+        if rest or e <= 0:
+            raise ValueError(f"UNet ADM width {adm_in_channels} does not fit pooled {self.pooled_dim} + 6 x E")
+        self.size_embed_dim = e
 
     @property
     def clip_l(self) -> ClipL:
@@ -305,12 +335,20 @@ CLIP_G_PREFIX = "1.model."
 OPTIONAL_KEYS = (CLIP_L_PREFIX + "embeddings.position_ids",)
 
 
+def default_size_embed_dim(pooled_dim: int) -> int:
+    """Width of each size embedding when nothing says otherwise: 256 for SDXL (pooled 1280); tiny test
+    models follow ``pooled // 2`` (the public tiny config: pooled 32, E 16). Prefer ``match_adm``."""
+    return SIZE_EMBED_DIM if pooled_dim == 1280 else max(pooled_dim // 2, 1)
+
+
 def build_text_conditioner(sd: dict, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                           size_embed_dim: int = SIZE_EMBED_DIM) -> SDXLTextConditioner | None:
+                           size_embed_dim: int | None = None,
+                           adm_in_channels: int | None = None) -> SDXLTextConditioner | None:
     """Build both text encoders from a ``conditioner.embedders.``-relative state dict (None when it has
     no text-encoder keys at all). Shapes decide widths, depths and vocabulary; built on the meta device
-    and loaded straight into ``dtype`` on ``device``. ``size_embed_dim``: width of each size embedding
-    (official 256; = (adm_in_channels - pooled width) / 6)."""
+    and loaded straight into ``dtype`` on ``device``. The width of each size embedding is not in the text
+    weights: pass ``size_embed_dim`` (official 256) or the UNet's ``adm_in_channels`` (= pooled + 6 E);
+    otherwise :func:`default_size_embed_dim`."""
     if not any(k.startswith(("0.", "1.")) for k in sd):
         return None
     tok_l = _need(sd, CLIP_L_PREFIX + "embeddings.token_embedding.weight")
@@ -346,6 +384,8 @@ def build_text_conditioner(sd: dict, dtype: torch.dtype = torch.float32, device:
         weights[full] = v.to(device=device, dtype=dtype)
     cond.load_state_dict(weights, assign=True)
     cond.clip_l.reset_buffers()
+    if adm_in_channels is not None:
+        cond.match_adm(adm_in_channels)
     return cond.eval().requires_grad_(False)
 
 

@@ -11,8 +11,8 @@ Conventions of :class:`SupirVAE`: images are RGB in [-1, 1], [B, 3, H, W]; laten
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -247,8 +247,9 @@ class SupirVAE(nn.Module):
         from .vae_tiled import tiled_forward
 
         tile = tiling.decoder_tile_size if decoder else tiling.encoder_tile_size
-        return tiled_forward(net, x, tile, decoder=decoder, norm=tiling.norm, staging=tiling.staging,
-                             callbacks=callbacks)
+        out = tiled_forward(net, x, tile, decoder=decoder, norm=tiling.norm, staging=tiling.staging,
+                            callbacks=callbacks)
+        return out.to(self.device)  # results live where the untiled ones would
 
     def _moments(self, net: nn.Module, x: torch.Tensor, tiling, callbacks) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():

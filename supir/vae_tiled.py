@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vae import GN_EPS, GN_GROUPS, AttnBlock, Decoder, Encoder, ResnetBlock
+from .vae import GN_GROUPS, AttnBlock, Decoder, Encoder, ResnetBlock
 
 ENCODER_PAD = 32
 DECODER_PAD = 11
@@ -133,8 +133,9 @@ def fit_tile(t: int, limit: int) -> int:
     return t
 
 
-def official_tiles(h: int, w: int, tile: int, pad: int, decoder: bool) -> tuple[list, list]:
-    """Input boxes and output boxes ``[x1, x2, y1, y2]`` of the official tiled VAE, row-major."""
+def official_tiles(h: int, w: int, tile: int, pad: int, decoder: bool, factor: int = 8) -> tuple[list, list]:
+    """Input boxes and output boxes ``[x1, x2, y1, y2]`` of the official tiled VAE, row-major.
+    ``factor``: the network's resampling factor (8 for SDXL's VAE)."""
     n_h = max(math.ceil((h - 2 * pad) / tile), 1)
     n_w = max(math.ceil((w - 2 * pad) / tile), 1)
     t_h = fit_tile(math.ceil((h - 2 * pad) / n_h), tile)
@@ -146,14 +147,14 @@ def official_tiles(h: int, w: int, tile: int, pad: int, decoder: bool) -> tuple[
             y1, y2 = pad + i * t_h, min(pad + (i + 1) * t_h, h)
             out = [x1 if x1 > pad else 0, x2 if x2 < w - pad else w,
                    y1 if y1 > pad else 0, y2 if y2 < h - pad else h]
-            outs.append([v * 8 if decoder else v // 8 for v in out])
+            outs.append([v * factor if decoder else v // factor for v in out])
             ins.append([max(0, x1 - pad), min(w, x2 + pad), max(0, y1 - pad), min(h, y2 + pad)])
     return ins, outs
 
 
-def _crop(t: torch.Tensor, box_in: list, box_out: list, decoder: bool) -> torch.Tensor:
+def _crop(t: torch.Tensor, box_in: list, box_out: list, decoder: bool, factor: int) -> torch.Tensor:
     """The part of a finished tile that lands in its output box (margins measured from the scaled input box)."""
-    scaled = [v * 8 if decoder else v // 8 for v in box_in]
+    scaled = [v * factor if decoder else v // factor for v in box_in]
     m = [o - s for o, s in zip(box_out, scaled)]
     crop = t[:, :, m[2]:t.shape[2] + m[3], m[0]:t.shape[3] + m[1]]
     want = (box_out[3] - box_out[2], box_out[1] - box_out[0])
@@ -188,8 +189,9 @@ def official_tiled_forward(net: nn.Module, x: torch.Tensor, tile_size: int, deco
     b, _, h, w = x.shape
     if max(h, w) <= 2 * pad + tile_size:
         return net(x.to(device)).to(staging, dtype)
-    ins, outs = official_tiles(h, w, tile_size, pad, decoder)
     ops = build_program(net)
+    factor = 2 ** sum(op.kind in ("down", "up") for op in ops)
+    ins, outs = official_tiles(h, w, tile_size, pad, decoder, factor)
     n = len(ins)
     tiles = [x[:, :, y1:y2, x1:x2].to(staging) for x1, x2, y1, y2 in ins]
     res: list[torch.Tensor | None] = [None] * n
@@ -226,10 +228,10 @@ def official_tiled_forward(net: nn.Module, x: torch.Tensor, tile_size: int, deco
                 pc[i] += 1
             if pc[i] >= len(ops):
                 if result is None:
-                    oh, ow = (h * 8, w * 8) if decoder else (h // 8, w // 8)
+                    oh, ow = (h * factor, w * factor) if decoder else (h // factor, w // factor)
                     result = torch.zeros(b, t.shape[1], oh, ow, dtype=torch.float32, device=staging)
                 x1, x2, y1, y2 = outs[i]
-                result[:, :, y1:y2, x1:x2] = _crop(t, ins[i], outs[i], decoder).to(staging, torch.float32)
+                result[:, :, y1:y2, x1:x2] = _crop(t, ins[i], outs[i], decoder, factor).to(staging, torch.float32)
                 tiles[i] = None
             else:
                 tiles[i] = t.to(staging)
