@@ -144,3 +144,13 @@ def assert_close(name: str, got, ref, atol: float, rtol: float = 0.0) -> float:
         f"(atol {atol}, rtol {rtol})"
     )
     return err.max().item() if err.numel() else 0.0
+
+
+def manifest(family: str, name: str) -> Path:
+    """A full-size key manifest of the fixture folder (``manifests/<name>``); skips when the default
+    folder is absent, fails when an explicitly set folder lacks it."""
+    folder, explicit = fixture_folder(family)
+    path = folder / "manifests" / name
+    if not path.is_file():
+        (pytest.fail if explicit else pytest.skip)(f"manifest {path} is absent")
+    return path

@@ -6,14 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.parity import harness
 from photo_restoration.codeformer.arch import CodeFormer, adaptive_instance_norm, calc_mean_std
 from photo_restoration.codeformer.loader import build_codeformer, detect_config, load_codeformer
 from photo_restoration.testing.tiny_codeformer import TINY_CONFIG, tiny_codeformer_state_dict, write_codeformer
 
-MANIFEST = Path(__file__).resolve().parents[3] / "shared" / "parity" / "codeformer" / "manifests" / \
-    "codeformer_params_ema.json"
-if not MANIFEST.exists():  # a checkout under /work/wt/<branch>
-    MANIFEST = Path("/work/shared/parity/codeformer/manifests/codeformer_params_ema.json")
 
 OFFICIAL = {
     "nf": 64, "ch_mult": [1, 2, 2, 4, 4, 8], "res_blocks": 2, "attn_resolutions": [16], "img_size": 512,
@@ -52,9 +49,8 @@ def faces():
 
 # ---- layout -------------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not MANIFEST.exists(), reason="parity manifests not available")
 def test_full_size_model_has_exactly_the_official_keys_and_shapes():
-    manifest = json.loads(MANIFEST.read_text())["keys"]
+    manifest = json.loads(harness.manifest("codeformer", "codeformer_params_ema.json").read_text())["keys"]
     meta_sd = {k: torch.empty(v["shape"], device="meta") for k, v in manifest.items()}
     assert detect_config(meta_sd) == OFFICIAL
     model = build_codeformer(detect_config(meta_sd))

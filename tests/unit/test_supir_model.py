@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.parity import harness
 from photo_restoration.supir.control import LightGLVUNet, SupirDiffusion
 from photo_restoration.supir.denoiser import ddpm_sigmas, quantize_sigma
 from photo_restoration.supir.loader import (build_diffusion, detect_adapter_config, detect_unet_config, load_diffusion,
@@ -24,9 +25,6 @@ from photo_restoration.supir.unet import SDXL_CONFIG
 from photo_restoration.testing.tiny_supir import TINY_ADAPTER, TINY_UNET, tiny_state_dicts, write_tiny_supir
 
 ROOT = Path(__file__).resolve().parents[2]
-MANIFESTS = Path(os.environ.get("SUPIR_PARITY_DIR", ROOT.parent / "shared" / "parity" / "supir")) / "manifests"
-if not MANIFESTS.is_dir():
-    MANIFESTS = Path("/work/shared/parity/supir/manifests")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,9 +37,7 @@ def one_thread():
 
 
 def manifest(name: str) -> dict[str, list[int]]:
-    path = MANIFESTS / f"{name}.json"
-    if not path.is_file():
-        pytest.skip(f"manifest {path} absent")
+    path = harness.manifest("supir", f"{name}.json")
     return {k: v["shape"] for k, v in json.loads(path.read_text())["keys"].items()}
 
 

@@ -5,16 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.parity import harness
 from photo_restoration.supir import text as T
 from photo_restoration.supir.vae import SupirVAE, VAEConfig, VAETiling, build_vae, detect_vae_config
 from photo_restoration.supir.vae_tiled import fit_tile, official_tiles, tiled_forward
 from photo_restoration.testing.tiny_supir_parts import tiny_text_state_dict, tiny_vae_state_dict
 
-MANIFEST = Path(__file__).resolve().parents[2].parent / "shared" / "parity" / "supir" / "manifests" / "supir_model_union.json"
-for candidate in (MANIFEST, Path("/work/shared/parity/supir/manifests/supir_model_union.json")):
-    if candidate.exists():
-        MANIFEST = candidate
-        break
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,9 +23,7 @@ def one_thread():
 
 
 def manifest_shapes(prefix: str) -> dict:
-    if not MANIFEST.exists():
-        pytest.skip("full-size key manifest not available")
-    keys = json.loads(MANIFEST.read_text())["keys"]
+    keys = json.loads(harness.manifest("supir", "supir_model_union.json").read_text())["keys"]
     return {k[len(prefix):]: tuple(v["shape"]) for k, v in keys.items() if k.startswith(prefix)}
 
 
