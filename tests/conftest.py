@@ -1,8 +1,12 @@
-"""Make ``photo_restoration`` resolve to *this* checkout (not another installed copy), the way
-ComfyUI imports the pack: the repository root as a package, relative imports inside."""
+"""Test-suite set-up: ``photo_restoration`` resolves to *this* checkout (not another installed copy), the
+way ComfyUI imports the pack (the repository root as a package, relative imports inside); and one torch
+thread for the whole suite."""
 import importlib.util
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +26,13 @@ def _import_pack_from_checkout() -> None:
 
 
 _import_pack_from_checkout()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The suite runs tiny networks: one intra-op thread is faster than several contending for a
+    small (often shared) CI machine, where thread hand-offs cost more than the work itself."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,15 +14,6 @@ def _head_channels(case) -> int:
 
 
 def check_unet_control_forward(case) -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add hand-off latency on a busy CPU
-    try:
-        _check(case)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _check(case) -> None:
     w = case["weights"]
     model = load_supir(case.file(w["sdxl_base"]), case.file(w["supir"]), dtype=torch.float32,
                        num_head_channels=_head_channels(case), with_vae=False, with_text=False)

@@ -1,6 +1,5 @@
 """CodeFormer network and loader: the official layout, loading rules, fidelity weight, precisions, errors."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,15 +20,6 @@ OFFICIAL = {
 # A 64x64 variant (3 levels, 16x16 latent) with the same block types: fast enough to run many times.
 MICRO = {"ch_mult": [1, 2, 1], "img_size": 64, "connect_list": ["32", "64"], "dim_embd": 32, "n_head": 4,
          "dim_mlp": 64, "codebook_size": 32, "emb_dim": 32}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: one thread avoids oversubscription on shared CI machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,6 @@ from photo_restoration.nodes.face_nodes import (NODE_CLASS_MAPPINGS, CodeFormerF
 from photo_restoration.testing import tiny_codeformer, tiny_faces
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("face_models")

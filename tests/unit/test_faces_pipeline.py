@@ -6,7 +6,6 @@ The detector is a real RetinaFace mobilenet0.25 with rigged heads (testing.tiny_
 face at the top-left anchor of every picture (two on a 4:3 picture). The restorer is a stub that
 inverts the crop, so these tests run in seconds; the real tiny network runs in test_face_nodes.py.
 """
-import numpy as np
 import pytest
 import torch
 
@@ -14,14 +13,6 @@ from photo_restoration.codeformer.detection import load_retinaface
 from photo_restoration.codeformer.parsing import load_parser
 from photo_restoration.codeformer.pipeline import FaceSettings, parse_indices, restore_faces
 from photo_restoration.testing.tiny_faces import parsenet_state_dict, retinaface_state_dict
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions on a shared CPU: threads only contend
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,6 @@ FAST = dict(question="Describe this image.", temperature=0.2, top_p=0.7, max_new
             preprocess="crop", tile_size=0, tile_stride=512, unload_after=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest single-threaded (thread hand-offs cost more than the work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")

@@ -27,15 +27,6 @@ from photo_restoration.testing.tiny_supir import TINY_ADAPTER, TINY_UNET, tiny_s
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tiny convolutions only lose time to thread hand-offs on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def manifest(name: str) -> dict[str, list[int]]:
     path = harness.manifest("supir", f"{name}.json")
     return {k: v["shape"] for k, v in json.loads(path.read_text())["keys"].items()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import time
 
 import pytest
 import torch
@@ -27,15 +26,6 @@ needs_vae = pytest.mark.skipif(not (HAVE_WRITER and HAVE_VAE),
                                reason="supir/vae.py (branch supir-vae-text) is not merged yet")
 needs_text = pytest.mark.skipif(not (HAVE_WRITER and HAVE_TEXT),
                                 reason="supir/text.py (branch supir-vae-text) is not merged yet")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra threads only add hand-off latency on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def image(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:

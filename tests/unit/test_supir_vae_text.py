@@ -1,6 +1,5 @@
 """SUPIR first stage (VAE, denoise encoder, tiled VAE) and SDXL text conditioning: the specification."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,16 +9,6 @@ from photo_restoration.supir import text as T
 from photo_restoration.supir.vae import SupirVAE, VAEConfig, VAETiling, build_vae, detect_vae_config
 from photo_restoration.supir.vae_tiled import fit_tile, official_tiles, tiled_forward
 from photo_restoration.testing.tiny_supir_parts import tiny_text_state_dict, tiny_vae_state_dict
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: thread start-up costs more than it saves on a busy CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def manifest_shapes(prefix: str) -> dict:
