@@ -12,28 +12,12 @@ process's peak resident set on the CPU.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def _pack():
-    """The pack as ``photo_restoration``: the checkout this script lives in (else the installed one)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "__init__.py").is_file():
-        return importlib.import_module("photo_restoration")
-    spec = importlib.util.spec_from_file_location("photo_restoration", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["photo_restoration"] = module
-    spec.loader.exec_module(module)
-    return module
+from checkout import import_pack
 
 
 def _sync(device: torch.device) -> None:
@@ -105,7 +89,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _pack()
+    import_pack()
     from photo_restoration.codeformer import faces as F
     from photo_restoration.codeformer.detection import load_retinaface
     from photo_restoration.codeformer.loader import load_codeformer

@@ -13,33 +13,12 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import time
 
 import torch
+from checkout import import_pack
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _imports():
-    if __package__:  # python -m photo_restoration.bench.codeformer_net
-        from ..codeformer.loader import build_codeformer, load_codeformer
-        from ..testing.tiny_checkpoints import random_state_dict
-        from ..testing.tiny_codeformer import TINY_CONFIG
-    else:  # python bench/codeformer_net.py from the repository root: import the checkout as a package
-        import importlib.util
-        from pathlib import Path
-
-        root = Path(__file__).resolve().parents[1]
-        spec = importlib.util.spec_from_file_location("photo_restoration", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules["photo_restoration"] = pack
-        spec.loader.exec_module(pack)
-        from photo_restoration.codeformer.loader import build_codeformer, load_codeformer
-        from photo_restoration.testing.tiny_checkpoints import random_state_dict
-        from photo_restoration.testing.tiny_codeformer import TINY_CONFIG
-    return build_codeformer, load_codeformer, random_state_dict, TINY_CONFIG
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -62,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
 
-    build_codeformer, load_codeformer, random_state_dict, tiny_config = _imports()
+    import_pack()
+    from photo_restoration.codeformer.loader import build_codeformer, load_codeformer
+    from photo_restoration.testing.tiny_checkpoints import random_state_dict
+    from photo_restoration.testing.tiny_codeformer import TINY_CONFIG as tiny_config
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]

@@ -11,26 +11,14 @@ Peak memory is the process's peak resident memory on the CPU, and torch's peak a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from checkout import import_pack
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def import_pack():
-    """This checkout as the ``photo_restoration`` package (as ComfyUI imports it: relative imports inside)."""
-    spec = importlib.util.spec_from_file_location("photo_restoration", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["photo_restoration"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: list[str] | None = None) -> int:

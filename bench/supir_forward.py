@@ -13,18 +13,12 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 
 import torch
+from checkout import import_pack
 
-if __package__ in (None, ""):  # run as a file: import the model code as `photo_restoration` (no nodes)
-    import pathlib
-    import types
-
-    _pack = types.ModuleType("photo_restoration")
-    _pack.__path__ = [str(pathlib.Path(__file__).resolve().parents[1])]
-    sys.modules.setdefault("photo_restoration", _pack)
+import_pack()
 
 from photo_restoration.supir import ops  # noqa: E402
 from photo_restoration.supir.control import SupirDiffusion  # noqa: E402

@@ -12,27 +12,14 @@ GPUs, process peak RSS on CPU). ``--tiny`` uses the random tiny checkpoints of `
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from checkout import import_pack
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _pack():
-    """Import the pack from this checkout under its package name (the repository root is the package)."""
-    if "photo_restoration" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("photo_restoration", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["photo_restoration"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["photo_restoration"]
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -82,7 +69,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _pack()
+    import_pack()
     from photo_restoration.supir.loader import load_supir
     from photo_restoration.supir.pipeline import RestoreSettings, plan_sizes, restore
     from photo_restoration.testing.images import synthetic_photo

@@ -14,26 +14,14 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _pack():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("photo_restoration", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["photo_restoration"] = module
-    spec.loader.exec_module(module)
-    return module
+from checkout import import_pack
 
 
 def run_one(args) -> dict:
     import torch
 
-    _pack()
+    import_pack()
     from photo_restoration.supir.vae import SupirVAE, VAEConfig, VAETiling
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
