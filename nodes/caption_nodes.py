@@ -139,9 +139,8 @@ class LlavaCaption:
                                                   "this (512 as in the official pipeline); 0 keeps its size."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                        "tooltip": "Pictures or tiles captioned together: more is faster on a GPU "
-                                                  "but needs more memory, and sampled captions then also depend "
-                                                  "on their neighbours. 1: each caption depends only on its "
-                                                  "picture."}),
+                                                  "but needs more memory. Each caption still depends only on its "
+                                                  "picture (its own random stream), not on its neighbours."}),
                 "template": ("STRING", {"default": "", "multiline": False,
                                         "tooltip": "Prompt format with {question}, e.g. 'USER: <image>\\n{question} "
                                                    "ASSISTANT:'. Empty: the model's own chat template, else "

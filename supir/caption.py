@@ -12,22 +12,22 @@ with temperature 0.2 and top-p 0.7 (greedy at temperature 0), 512 new tokens, an
 so its short side is 512 before the processor's own resize + centre crop. ``preprocess="pad"``
 pads the picture to a square instead (LLaVA's ``expand2square``) so the whole frame is seen.
 
-By default each picture is captioned on its own with the generator re-seeded, so a caption depends
-only on the picture and the settings, never on its position in a batch; ``batch_size`` > 1 captions
-several pictures per ``generate`` call (faster on a GPU; sampled captions then depend on the group).
+Every picture samples from its own generator seeded with the caption seed, so a caption depends only
+on the picture and the settings, never on its position or neighbours in a batch, also when
+``batch_size`` > 1 captions several pictures per ``generate`` call (faster on a GPU; the results
+match one-by-one captioning up to the rounding of batched matrix products).
 :func:`caption_tiles` cuts every picture with :func:`..tiles.pixel_windows` (the tiled sampler's
 grid and order) and captions each tile, so the list lines up with the sampler's per-tile
 conditioning.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
@@ -54,7 +54,7 @@ class CaptionSettings:
     preprocess: str = "crop"  # "crop": official (processor's centre crop); "pad": pad to square first
     short_side: int = CAPTION_SHORT_SIDE  # resize before the processor; 0 keeps the size
     template: str = ""  # "" = the folder's chat template if it has one, else LLaVA-1.5's; or a "{question}" string
-    batch_size: int = 1  # pictures per generate call: >1 is faster on a GPU; 1 makes captions batch-independent
+    batch_size: int = 1  # pictures per generate call: >1 is faster on a GPU; captions stay per-picture
 
 
 class Llava(torch.nn.Module):
@@ -244,15 +244,6 @@ def clean_caption(text: str, special_tokens: Sequence[str] = ()) -> str:
 # Generation
 # --------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's generators for the block and restore the caller's RNG state afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _interrupt_criteria(callbacks: Any):
     """A stopping criterion that only runs the host's interrupt check on every new token."""
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -265,11 +256,44 @@ def _interrupt_criteria(callbacks: Any):
     return StoppingCriteriaList([_CheckInterrupt()])
 
 
+def per_picture_sampler(llava: Llava, settings: CaptionSettings, rows: int, device: torch.device):
+    """Sampling as a logits processor for greedy decoding, one noise stream per picture of a group.
+
+    transformers' own temperature, top-k (the folder's generation config, else 50 as in its default
+    sampling) and top-p warpers shape each row's scores; adding Gumbel noise drawn from that row's
+    generator (seeded with ``settings.seed``) makes the greedy arg-max an exact sample of the warped
+    distribution. ``do_sample=True`` instead draws every row from one shared generator, so a caption
+    would depend on its position and neighbours in the group. Deliberately different from the
+    official agent: same distribution, other random stream.
+    """
+    from transformers import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    warpers = [TemperatureLogitsWarper(float(settings.temperature))]
+    top_k = getattr(getattr(llava.model, "generation_config", None), "top_k", None) or 50
+    warpers.append(TopKLogitsWarper(top_k=int(top_k)))
+    if settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=float(settings.top_p)))
+    generators = [torch.Generator(device=device).manual_seed(int(settings.seed)) for _ in range(rows)]
+
+    class _GumbelPerRow(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            for warp in warpers:
+                scores = warp(input_ids, scores)
+            tiny = torch.finfo(torch.float32).tiny
+            noise = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                                 for g in generators[:scores.shape[0]]]).clamp_min(tiny)
+            return scores.float() - torch.log(-torch.log(noise))
+
+    return LogitsProcessorList([_GumbelPerRow()])
+
+
 def caption_group(llava: Llava, images: Sequence[torch.Tensor | Image.Image], settings: CaptionSettings,
                   callbacks: Any = None) -> list[str]:
     """Caption pictures ([3,H,W] in 0..1 or PIL) in one ``generate`` call (left-padded when their
-    prompts differ in length), with ``llava`` on whatever device it sits. Sampling draws for the
-    whole group from one seeded generator, so a sampled caption depends on its group."""
+    prompts differ in length), with ``llava`` on whatever device it sits. Each picture samples from
+    its own generator seeded with ``settings.seed`` (:func:`per_picture_sampler`), so its caption is
+    the one it gets alone, whatever its neighbours."""
     processor = llava.processor
     tokenizer = processor.tokenizer
     mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
@@ -284,17 +308,17 @@ def caption_group(llava: Llava, images: Sequence[torch.Tensor | Image.Image], se
     device, dtype = llava.compute_device, llava.compute_dtype
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()
               if isinstance(v, torch.Tensor) and k != "token_type_ids"}  # LLaVA takes no token types
-    gen: dict[str, Any] = {"max_new_tokens": int(settings.max_new_tokens), "num_beams": 1, "use_cache": True}
+    # Greedy decoding over scores that, when sampling, carry each picture's own Gumbel noise.
+    gen: dict[str, Any] = {"max_new_tokens": int(settings.max_new_tokens), "num_beams": 1, "use_cache": True,
+                           "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     if settings.temperature > 0:
-        gen.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p))
-    else:
-        gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        gen["logits_processor"] = per_picture_sampler(llava, settings, len(pictures), device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is not None:
         gen["pad_token_id"] = pad
     if callbacks is not None:
         gen["stopping_criteria"] = _interrupt_criteria(callbacks)
-    with torch.inference_mode(), seeded(settings.seed, device):
+    with torch.inference_mode():
         out = llava.model.generate(**inputs, **gen)
     specials = getattr(tokenizer, "all_special_tokens", ())
     texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
