@@ -28,9 +28,15 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """A ComfyUI process with its own base directory; the pack is linked into its custom_nodes."""
+    """A ComfyUI process with its own base directory; the pack is linked into its custom_nodes.
 
-    def __init__(self, comfy_path: Path, base_dir: Path, pack_name: str = "photo_restoration_under_test"):
+    Optional: ``extra_args`` for main.py, ``extra_env`` for the process, ``custom_nodes`` (name -> folder)
+    linked into custom_nodes beside the pack.
+    """
+
+    def __init__(self, comfy_path: Path, base_dir: Path, pack_name: str = "photo_restoration_under_test",
+                 extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
+                 custom_nodes: dict[str, Path] | None = None):
         self.comfy_path = Path(comfy_path)
         self.base_dir = Path(base_dir)
         self.port = free_port()
@@ -38,6 +44,7 @@ class ComfyServer:
         self.log_path = self.base_dir / "comfyui.log"
         self.pack_name = pack_name
         self.proc: subprocess.Popen | None = None
+        self.extra_args, self.extra_env, self.custom_nodes = list(extra_args), dict(extra_env or {}), custom_nodes or {}
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 240.0) -> "ComfyServer":
@@ -46,11 +53,14 @@ class ComfyServer:
         link = self.base_dir / "custom_nodes" / self.pack_name
         if not link.exists():
             link.symlink_to(REPO_ROOT, target_is_directory=True)
+        for name, folder in self.custom_nodes.items():
+            if not (self.base_dir / "custom_nodes" / name).exists():
+                (self.base_dir / "custom_nodes" / name).symlink_to(Path(folder), target_is_directory=True)
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+               "--disable-auto-launch", *self.extra_args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         env.pop("PHOTO_RESTORE_MODELS", None)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT,
@@ -103,9 +113,11 @@ class ComfyServer:
         except urllib.error.HTTPError as e:
             raise AssertionError(f"POST {path} -> HTTP {e.code}: {e.read().decode(errors='replace')}") from None
 
-    def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
-        """Queue an API-format prompt and wait for its history entry; returns that entry."""
-        prompt_id = self.post("/prompt", {"prompt": prompt, "client_id": "photo-restoration-tests"})["prompt_id"]
+    def run_prompt(self, prompt: dict, timeout: float = 600, endpoint: str = "/prompt", **fields: Any) -> dict:
+        """Queue an API-format prompt (on ``endpoint``, with extra body ``fields``) and wait for its history
+        entry; returns that entry."""
+        body = {"prompt": prompt, "client_id": "photo-restoration-tests", **fields}
+        prompt_id = self.post(endpoint, body)["prompt_id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             hist = self.get(f"/history/{prompt_id}")

@@ -3,7 +3,8 @@ adapter's ComfyUI path works, and every example workflow runs and produces image
 size. Runs only when ``COMFYUI_PATH`` points at a ComfyUI checkout; skipped (never faked) otherwise.
 
 Each workflow may say what the test should feed and expect in ``extra.photo_restoration_test``:
-``{"inputs": {"<file name>": [width, height]}, "outputs": {"<node id>": [width, height]}}``;
+``{"inputs": {"<file name>": [width, height]}, "outputs": {"<node id>": [width, height]}}``, and
+``"requires": ["<other pack>"]`` to skip it here (e.g. ComfyUI-Distributed: tests/integration/test_distributed.py);
 ``LoadImage`` files with no entry get a 96x80 generated photo.
 """
 from __future__ import annotations
@@ -84,6 +85,8 @@ def test_example_workflow_runs(server, wf_path):
     from PIL import Image
 
     workflow = json.loads(wf_path.read_text())
+    if test_info(workflow).get("requires"):  # other packs' nodes, e.g. ComfyUI-Distributed (test_distributed.py)
+        pytest.skip(f"needs {', '.join(test_info(workflow)['requires'])}, not installed in this ComfyUI")
     prompt = ui_to_api(workflow, server.get("/object_info"))
     entry = server.run_prompt(prompt)
     status = entry["status"]
