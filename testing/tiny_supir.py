@@ -61,7 +61,9 @@ def _parts(seed: int) -> tuple[dict, dict]:
     vae = parts.tiny_vae_state_dict(seed)
     sdxl_extra = {k: v for k, v in vae.items() if ".denoise_encoder." not in k}
     supir_extra = {k: v for k, v in vae.items() if ".denoise_encoder." in k}
-    sdxl_extra.update(parts.tiny_text_state_dict(seed))
+    # three layers per text encoder: ComfyUI's SDXL CLIP takes the penultimate layer and asserts there is one
+    # before it, so a real comfy.sd.CLIP can be built on these weights (tests/integration)
+    sdxl_extra.update(parts.tiny_text_state_dict(seed, clip_l_layers=3, clip_g_layers=3))
     return sdxl_extra, supir_extra
 
 
