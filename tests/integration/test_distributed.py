@@ -9,12 +9,12 @@ workflows, and every collected PNG equals a single-instance run (same pixels, bi
 * the per-photo job route for photos of different sizes: one ``/distributed/queue`` job per photo with
   ``load_balance`` on; each equals that photo restored alone.
 
-ComfyUI: ``COMFYUI_PATH``, else ``shared/comfyui/0.33.0`` beside the checkout; ComfyUI-Distributed:
-``COMFYUI_DISTRIBUTED_PATH``, else ``shared/comfyui-distributed/1.4.4`` (copied to a temporary folder:
-it writes ``gpu_config.json`` into its own folder). Skipped when either is missing. Tiny weights under
-the published file names. Each participant has its own base directory (same models, same photos:
-local workers receive no media). The pack's seeds are changed between workflows (ComfyUI caches
-identical prompts).
+ComfyUI: the newest tree (``COMFYUI_PATH`` if set, see ``trees.py``); ComfyUI-Distributed:
+``COMFYUI_DISTRIBUTED_PATH``, else ``shared/comfyui-distributed/1.4.4`` beside the checkout (copied to a
+temporary folder: it writes ``gpu_config.json`` into its own folder). Skipped when either is missing.
+Tiny weights under the published file names. Each participant has its own base directory (same
+models, same photos: local workers receive no media). The pack's seeds are changed between workflows
+(ComfyUI caches identical prompts).
 """
 from __future__ import annotations
 
@@ -41,41 +41,22 @@ def _beside_checkout(*parts: str) -> Path | None:
     return None
 
 
-COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH") or _beside_checkout("comfyui", "0.33.0") or "/nonexistent")
 DISTRIBUTED_PATH = Path(os.environ.get("COMFYUI_DISTRIBUTED_PATH")
                         or _beside_checkout("comfyui-distributed", "1.4.4") or "/nonexistent")
-if not (COMFYUI_PATH / "main.py").is_file():
-    pytest.skip(f"no ComfyUI checkout (COMFYUI_PATH={COMFYUI_PATH})", allow_module_level=True)
 if not (DISTRIBUTED_PATH / "nodes" / "collector.py").is_file():
     pytest.skip(f"no ComfyUI-Distributed copy (COMFYUI_DISTRIBUTED_PATH={DISTRIBUTED_PATH})", allow_module_level=True)
 
 from .comfy_server import ComfyServer, ui_to_api  # noqa: E402
 
 WORKERS = ("1", "2")
-# Tiny files the published names map to, for tiny-checkpoint writers that still use their own names.
-PUBLISHED = {
-    "checkpoints/sd_xl_base_1.0.safetensors": "checkpoints/tiny_sdxl.safetensors",
-    "checkpoints/SUPIR-v0Q.ckpt": "checkpoints/tiny_supir_v0.safetensors",
-}
 STEPS = 8  # the Quality preset's sampler, shortened: the point is equality, not quality
 
 
 def write_models(models_dir: Path) -> None:
-    """Tiny weights under the real published file names (a .ckpt is written as a torch pickle)."""
-    import safetensors.torch
-    import torch
-
+    """Tiny weights (also under the published file names the workflows use); no LLaVA: no captions here."""
     from photo_restoration.testing.tiny_checkpoints import write_all, writers
 
-    write_all(models_dir, only=[name for name in writers() if "llava" not in name])  # no captions here
-    for real, tiny in PUBLISHED.items():
-        real, tiny = models_dir / real, models_dir / tiny
-        if real.exists() or not tiny.exists():
-            continue
-        if real.suffix == ".ckpt":
-            torch.save({"state_dict": safetensors.torch.load_file(tiny)}, real)
-        else:
-            real.symlink_to(tiny)
+    write_all(models_dir, only=[name for name in writers() if "llava" not in name])
 
 
 def photos() -> dict[str, tuple[int, int]]:
@@ -87,7 +68,7 @@ def photos() -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(newest_comfy_tree, tmp_path_factory):
     from photo_restoration.testing.images import synthetic_photo
 
     root = tmp_path_factory.mktemp("distributed")
@@ -103,7 +84,7 @@ def cluster(tmp_path_factory):
         (base / "models").symlink_to(models, target_is_directory=True)
         for k, (file, (w, h)) in enumerate(sorted(photos().items())):
             synthetic_photo(w, h, seed=k).save(base / "input" / file)
-        servers[name] = ComfyServer(COMFYUI_PATH, base, extra_args=("--enable-cors-header",),
+        servers[name] = ComfyServer(newest_comfy_tree.path, base, extra_args=("--enable-cors-header",),
                                     extra_env=dict(env, **({} if name == "master" else {"COMFYUI_IS_WORKER": "1"})),
                                     custom_nodes={"ComfyUI-Distributed": dist})
     workers = [{"id": w, "name": f"worker {w}", "host": "127.0.0.1", "port": servers[f"worker{w}"].port,
@@ -162,8 +143,11 @@ def run(server: ComfyServer, prompt: dict, distributed: bool = False) -> list[np
     """Run and return the pixels of every PNG the SaveImage nodes wrote, in order."""
     from PIL import Image
 
-    fields = {"endpoint": "/distributed/queue", "enabled_worker_ids": list(WORKERS)} if distributed else {}
-    entry = server.run_prompt(prompt, **fields)
+    if distributed:
+        body = {"prompt": prompt, "client_id": "photo-restoration-tests", "enabled_worker_ids": list(WORKERS)}
+        entry = server.wait(server.post("/distributed/queue", body)["prompt_id"])
+    else:
+        entry = server.run_prompt(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"].get("messages"))[-4000:]
     pixels = []
     for node_id, node in prompt.items():
