@@ -32,7 +32,8 @@ def free_port() -> int:
 class ComfyServer:
     """A ComfyUI process with its own base directory; the pack is linked into its custom_nodes."""
 
-    def __init__(self, comfy_path: Path, base_dir: Path, pack_name: str = "photo_restoration_under_test"):
+    def __init__(self, comfy_path: Path, base_dir: Path, pack_name: str = "photo_restoration_under_test",
+                 extra_args: tuple[str, ...] = ()):
         self.comfy_path = Path(comfy_path)
         self.base_dir = Path(base_dir)
         self.port = free_port()
@@ -40,6 +41,7 @@ class ComfyServer:
         self.log_path = self.base_dir / "comfyui.log"
         self.pack_name = pack_name
         self.proc: subprocess.Popen | None = None
+        self.extra_args = tuple(extra_args)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 240.0) -> "ComfyServer":
@@ -51,7 +53,7 @@ class ComfyServer:
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch"]
+               "--disable-auto-launch", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PHOTO_RESTORE_MODELS", None)
         self._log = open(self.log_path, "w")
