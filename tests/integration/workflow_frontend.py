@@ -4,7 +4,7 @@ sizes the frontend gives them, lay the graphs out with those sizes, and save a t
 Not part of the test suite (it needs Chromium and Playwright, which the pack does not depend on)::
 
     python -m venv /tmp/pw && /tmp/pw/bin/pip install playwright pillow   # + Debian's chromium
-    COMFYUI_PYTHON=.venv/bin/python /tmp/pw/bin/python testing/workflow_frontend.py \\
+    COMFYUI_PYTHON=.venv/bin/python /tmp/pw/bin/python tests/integration/workflow_frontend.py \\
         --comfyui ../shared/comfyui/0.33.0 [--layout] [--thumbnails] [--check]
 
 ``--layout`` rewrites ``pos`` / ``size`` in ``example_workflows/*.json``: columns keep the authors' left-to-right
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "example_workflows"
 TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar is drawn above pos[1]
 GAP_X, GAP_Y = 60, 50
