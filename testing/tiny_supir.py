@@ -80,8 +80,17 @@ def write_tiny_supir(models_dir: Path, seed: int = 0) -> list[Path]:
     save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sdxl.items()}, str(p_sdxl),
               metadata={"format": "pt"})
     save_file({k: v.float().contiguous() for k, v in supir.items()}, str(p_supir), metadata={"format": "pt"})
+    return [p_sdxl, p_supir]
+
+
+def write_supir_checkpoints(models_dir: Path, seed: int = 0) -> list[Path]:
+    """The tiny files plus the same weights under the published names (SUPIR-v0F with other weights)."""
+    p_sdxl, p_supir = write_tiny_supir(models_dir, seed)
+    out = p_sdxl.parent
     published = [out / PUBLISHED_SDXL, out / PUBLISHED_SUPIR_Q, out / PUBLISHED_SUPIR_F]
     shutil.copyfile(p_sdxl, published[0])
+    _, supir = tiny_state_dicts(seed)
+    supir.update(_parts(seed)[1])
     torch.save({k: v.float().contiguous() for k, v in supir.items()}, published[1])
     _, supir_f = tiny_state_dicts(seed + 1)
     supir_f.update(_parts(seed + 1)[1])
@@ -89,4 +98,4 @@ def write_tiny_supir(models_dir: Path, seed: int = 0) -> list[Path]:
     return [p_sdxl, p_supir, *published]
 
 
-WRITERS = {"supir": write_tiny_supir}
+WRITERS = {"supir": write_supir_checkpoints}
