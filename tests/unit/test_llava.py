@@ -147,9 +147,9 @@ def test_captions_are_cleaned():
 
 def test_missing_folder_error_says_where_to_put_it(models_dir):
     with pytest.raises(FileNotFoundError) as err:
-        LoadLlava().load("llava-1.5-7b-hf", "auto", "none")
+        LoadLlava().load("llava-1.5-13b-hf", "auto", "none")
     message = str(err.value)
-    assert "llava-1.5-7b-hf" in message and "models/LLM/" in message and "llava-hf/llava-1.5-7b-hf" in message
+    assert "llava-1.5-13b-hf" in message and "models/LLM/" in message and "llava-hf/llava-1.5-7b-hf" in message
 
 
 def test_unsupported_folders_are_refused_clearly(tmp_path):
