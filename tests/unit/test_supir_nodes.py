@@ -583,7 +583,7 @@ def test_cli_restore_a_folder(models_dir, tmp_path):
                  "--tile-stride", "32"])
     assert code == 0
     code = main(["restore", str(src / "a.png"), "--out", str(tmp_path / "llava"), "--models", str(models_dir),
-                 "--steps", "1", "--min-short-side", "0", "--caption-llava", "llava-tiny", "--caption-tokens", "4",
+                 "--steps", "1", "--min-short-side", "0", "--caption-llava", "llava-1.5-7b-hf", "--caption-tokens", "4",
                  "--upscale", "1"])
     assert code == 0
     with Image.open(tmp_path / "llava" / "a.png") as im:
