@@ -65,7 +65,7 @@ def write_safetensors_streaming(path: str | Path, manifest: dict, seed: int = 0,
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _key, t in _tensors(manifest, seed, dtype):
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return path
 
 
