@@ -98,6 +98,51 @@ def _upscaler(descriptor):
     return run
 
 
+# Optional inputs appended at the end of the face restore nodes (old workflows keep loading).
+ALIGNED_BOX_FIDELITY_INPUTS = {
+    "has_aligned": ("BOOLEAN", {"default": False, "tooltip":
+                    "The images are already aligned face crops (512x512, like FFHQ): restore each one whole, "
+                    "same size out, with no detection or paste-back (official --has_aligned)."}),
+    "draw_box": ("BOOLEAN", {"default": False, "tooltip":
+                 "Frame every restored face in green on the output (official --draw_box)."}),
+    "face_fidelity": ("STRING", {"default": "", "tooltip":
+                      "Per-face fidelity overriding the widget: '0.5,0.7' gives face 0 and face 1 of every image "
+                      "their own value; separate images with ';' ('0.5,0.7; 0.9'). Empty = the fidelity widget."}),
+}
+
+
+def _face_settings(fidelity, upscale, background_enhance, face_upsample, detection_threshold, only_center_face,
+                   adain, parse_mask, helper, min_face_size, max_face_size, max_faces, face_index, face_batch_size,
+                   has_aligned, draw_box, face_fidelity, strength=1.0) -> FaceSettings:
+    return FaceSettings(
+        fidelity=float(fidelity), upscale=int(upscale), adain=bool(adain), helper=helper,
+        conf_threshold=float(detection_threshold), only_center_face=bool(only_center_face),
+        use_parse=bool(parse_mask), min_face_size=min_face_size, max_face_size=max_face_size,
+        max_faces=int(max_faces), face_index=face_index or "", background_enhance=bool(background_enhance),
+        face_upsample=bool(face_upsample), batch_size=int(face_batch_size), has_aligned=bool(has_aligned),
+        draw_box=bool(draw_box), face_fidelity=face_fidelity or "", strength=float(strength),
+    )
+
+
+def _run_restore(image, net, face_detector, settings, background_upscale_model, face_upscale_model, desc):
+    """The pipeline with ComfyUI's progress bar and upscalers; returns the node outputs."""
+    needs_detector = not settings.has_aligned
+    detector = comfy.load(face_detector["detector"]) if needs_detector else None
+    parser = (comfy.load(face_detector["parser"])
+              if (needs_detector and settings.use_parse and face_detector.get("parser")) else None)
+    progress = comfy.Progress(max(image.shape[0], 1), desc=desc)
+    try:
+        result = restore_faces(
+            image, net, detector, parser, settings, callbacks=progress,
+            upscaler=_upscaler(background_upscale_model) if settings.background_enhance else None,
+            face_upscaler=(_upscaler(face_upscale_model or background_upscale_model)
+                           if settings.face_upsample else None),
+        )
+    finally:
+        progress.close()
+    return (result.images, result.mask, result.restored_faces, result.cropped_faces, result.info)
+
+
 class CodeFormerFaceRestore:
     DESCRIPTION = ("Finds every face, restores it with CodeFormer (fidelity w: low = cleaner, high = closer to the "
                    "original) and blends it back with a feathered, face-shaped mask; can also upscale the picture.")
@@ -154,33 +199,21 @@ class CodeFormerFaceRestore:
                                "Restore only these faces, e.g. '0,2' or '1-3' (score order per image); empty = all."}),
                 "face_batch_size": ("INT", {"default": 8, "min": 1, "max": 64, "tooltip":
                                     "Faces per network call (halved automatically when memory runs out)."}),
+                **ALIGNED_BOX_FIDELITY_INPUTS,
             },
         }
 
     def restore(self, image, codeformer, face_detector, fidelity=0.5, upscale=1, background_enhance=False,
                 face_upsample=False, background_upscale_model=None, face_upscale_model=None, detection_threshold=0.8,
                 only_center_face=False, adain=True, parse_mask=True, helper="codeformer", min_face_size=0,
-                max_face_size=0, max_faces=0, face_index="", face_batch_size=8):
-        settings = FaceSettings(
-            w=float(fidelity), upscale=int(upscale), adain=bool(adain), helper=helper,
-            conf_threshold=float(detection_threshold), only_center_face=bool(only_center_face),
-            use_parse=bool(parse_mask), min_face_size=min_face_size, max_face_size=max_face_size,
-            max_faces=int(max_faces), face_index=face_index or "", background_enhance=bool(background_enhance),
-            face_upsample=bool(face_upsample), batch_size=int(face_batch_size),
-        )
-        detector = comfy.load(face_detector["detector"])
-        parser = comfy.load(face_detector["parser"]) if (parse_mask and face_detector.get("parser")) else None
+                max_face_size=0, max_faces=0, face_index="", face_batch_size=8, has_aligned=False, draw_box=False,
+                face_fidelity=""):
+        settings = _face_settings(fidelity, upscale, background_enhance, face_upsample, detection_threshold,
+                                  only_center_face, adain, parse_mask, helper, min_face_size, max_face_size, max_faces,
+                                  face_index, face_batch_size, has_aligned, draw_box, face_fidelity)
         net = comfy.load(codeformer, memory_required=int(face_batch_size) * BYTES_PER_FACE)
-        progress = comfy.Progress(max(image.shape[0], 1), desc="CodeFormer faces")
-        try:
-            result = restore_faces(
-                image, net, detector, parser, settings, callbacks=progress,
-                upscaler=_upscaler(background_upscale_model) if background_enhance else None,
-                face_upscaler=_upscaler(face_upscale_model or background_upscale_model) if face_upsample else None,
-            )
-        finally:
-            progress.close()
-        return (result.images, result.mask, result.restored_faces, result.cropped_faces, result.info)
+        return _run_restore(image, net, face_detector, settings, background_upscale_model, face_upscale_model,
+                            "CodeFormer faces")
 
 
 NODE_CLASS_MAPPINGS = {
