@@ -6,8 +6,11 @@ so :func:`.pipeline.restore_faces` detects, aligns, restores and pastes with it 
 * Everything else goes through spandrel (shipped with ComfyUI; imported only here, only when needed):
   GFPGAN v1.3 / v1.4 (``GFPGANv1.4.pth``, the "clean" architecture) and RestoreFormer (``RestoreFormer.pth``)
   in spandrel itself (MIT); CodeFormer is also in spandrel_extra_arches (non-commercial licence), which this
-  module never needs. RestoreFormer++ (``RestoreFormer++.ckpt``) is not supported by spandrel 0.4.x; such a
-  file gets a clear error.
+  module never needs.
+* RestoreFormer++ (``RestoreFormer++.ckpt``, keys ``vqvae.*`` under ``state_dict``), which spandrel 0.4 does not
+  detect, is built here from spandrel's RestoreFormer parts as the official ``VQVAEGANMultiHeadTransformer(
+  head_size=4, ex_multi_scale_num=1)``: the decoder also attends at 32 px, to the encoder's features of that
+  level. The head count is not in the shapes: 4 when the decoder has the extra scale (RestoreFormer++), else 8.
 
 The networks are called as their official inference scripts call them, not through spandrel's
 ``descriptor(image)`` (which feeds GFPGAN 0..1 instead of its -1..1 and samples StyleGAN noise):
@@ -29,8 +32,9 @@ from .weights import load_state_dict
 
 FOLDER = "facerestore_models"
 PUBLISHED = ("https://github.com/sczhou/CodeFormer/releases (codeformer.pth), "
-             "https://github.com/TencentARC/GFPGAN/releases (GFPGANv1.3.pth, GFPGANv1.4.pth, RestoreFormer.pth)")
-KNOWN_FILES = ("codeformer.pth", "GFPGANv1.3.pth", "GFPGANv1.4.pth", "RestoreFormer.pth")
+             "https://github.com/TencentARC/GFPGAN/releases (GFPGANv1.3.pth, GFPGANv1.4.pth, RestoreFormer.pth), "
+             "https://github.com/wzhouxiff/RestoreFormerPlusPlus (RestoreFormer++.ckpt)")
+KNOWN_FILES = ("codeformer.pth", "GFPGANv1.3.pth", "GFPGANv1.4.pth", "RestoreFormer.pth", "RestoreFormer++.ckpt")
 SPANDREL_MISSING = ("{name} is a {arch} model, which is loaded with spandrel; spandrel is not installed. It ships "
                     "with ComfyUI (requirements.txt); outside ComfyUI install it with 'pip install spandrel'.")
 
@@ -48,7 +52,7 @@ class SpandrelFace(torch.nn.Module):
         x = x.contiguous()  # GFPGAN views its features (crops arrive as a permuted NHWC array)
         if self.arch == "GFPGAN":
             return self.net(x, return_rgb=False, randomize_noise=False)[0]
-        if self.arch == "RestoreFormer":
+        if self.arch in ("RestoreFormer", "RestoreFormer++"):
             return self.net(x)[0]
         if self.arch == "CodeFormer":  # spandrel_extra_arches' copy
             return self.net(x, w=float(w) if not torch.is_tensor(w) else float(w.flatten()[0]), adain=bool(adain))[0]
@@ -67,8 +71,92 @@ def _spandrel():
     return spandrel
 
 
+RFPP_PREFIX = "vqvae."
+RFPP_HEAD_SIZE = 4  # RestoreFormer++ (official); the original RestoreFormer uses 8
+RF_HEAD_SIZE = 8
+RF_RESOLUTION = 512
+
+
 def _looks_like_restoreformer_pp(state_dict: dict) -> bool:
-    return any(k.startswith("vqvae.") for k in state_dict)
+    return any(k.startswith(RFPP_PREFIX) for k in state_dict)
+
+
+def _count(state_dict: dict, prefix: str) -> int:
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.") for k in state_dict):
+        n += 1
+    return n
+
+
+def restoreformer_pp_config(state_dict: dict) -> dict:
+    """The RestoreFormer(++) hyper-parameters read from a state dict without the ``vqvae.`` prefix."""
+    sd = state_dict
+    ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
+    n_embed, embed_dim = sd["quantize.embedding.weight"].shape
+    z_channels = sd["quant_conv.weight"].shape[1]
+    levels = _count(sd, "encoder.down.")
+    res = [RF_RESOLUTION // 2 ** i for i in range(levels)]
+    enc_attn = tuple(sorted(r for i, r in enumerate(res) if f"encoder.down.{i}.attn.0.q.weight" in sd))
+    dec_attn = tuple(sorted(r for i, r in enumerate(res) if f"decoder.up.{i}.attn.0.q.weight" in sd))
+    return {
+        "n_embed": int(n_embed), "embed_dim": int(embed_dim), "ch": int(ch), "in_channels": int(in_channels),
+        "out_ch": int(sd["decoder.conv_out.weight"].shape[0]), "z_channels": int(z_channels),
+        "ch_mult": tuple(int(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) // int(ch) for i in range(levels)),
+        "num_res_blocks": _count(sd, "encoder.down.0.block."),
+        "double_z": sd["encoder.conv_out.weight"].shape[0] == 2 * z_channels,
+        "enable_mid": "encoder.mid.block_1.norm1.weight" in sd, "attn_resolutions": enc_attn,
+        "decoder_attn_resolutions": dec_attn,
+        "head_size": RFPP_HEAD_SIZE if set(dec_attn) - set(enc_attn) else RF_HEAD_SIZE,
+    }
+
+
+class RestoreFormerPP(torch.nn.Module):
+    """RestoreFormer++: spandrel's RestoreFormer with the official multi-scale decoder (see the module text)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        from spandrel.architectures.RestoreFormer import RestoreFormer
+
+        cfg = dict(config)
+        dec_attn = cfg.pop("decoder_attn_resolutions")
+        net = RestoreFormer(**cfg, resolution=RF_RESOLUTION, dropout=0.0)
+        if tuple(dec_attn) != tuple(cfg["attn_resolutions"]):
+            net.decoder = type(net.decoder)(
+                ch=cfg["ch"], out_ch=cfg["out_ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
+                attn_resolutions=tuple(dec_attn), dropout=0.0, in_channels=cfg["in_channels"],
+                resolution=RF_RESOLUTION, z_channels=cfg["z_channels"], enable_mid=cfg["enable_mid"],
+                head_size=cfg["head_size"])
+        self.encoder, self.decoder, self.quantize = net.encoder, net.decoder, net.quantize
+        self.quant_conv, self.post_quant_conv = net.quant_conv, net.post_quant_conv
+        self.levels = len(cfg["ch_mult"])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        hs = self.encoder(x)
+        for i in range(self.levels):  # official: a level without "_atten" features attends to its own output
+            if f"block_{i}" in hs:
+                hs.setdefault(f"block_{i}_atten", hs[f"block_{i}"])
+        quant = self.quantize(self.quant_conv(hs["out"]))[0]
+        return self.decoder(self.post_quant_conv(quant), hs), None
+
+
+def load_restoreformer_pp(state_dict: dict, label: str) -> RestoreFormerPP:
+    sd = {k[len(RFPP_PREFIX):]: v for k, v in state_dict.items() if k.startswith(RFPP_PREFIX)}
+    try:
+        config = restoreformer_pp_config(sd)
+    except KeyError as exc:
+        raise ValueError(f"{label}: incomplete RestoreFormer++ state dict (missing {exc})") from None
+    with torch.random.fork_rng(devices=[]):  # the parts initialise at random: keep the global RNG
+        net = RestoreFormerPP(config)
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [k for k in sd if k in expected and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{label}: not a RestoreFormer++ state dict: {len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} with wrong shapes "
+                         f"(e.g. {wrong[:3]})")
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return net.eval().requires_grad_(False)
 
 
 def load_face_model(source: str | os.PathLike | dict, device: torch.device | str = "cpu",
@@ -82,11 +170,15 @@ def load_face_model(source: str | os.PathLike | dict, device: torch.device | str
                                 published=PUBLISHED)
     if is_codeformer(sd):
         return load_codeformer(sd, device=device, dtype=dtype)
-    if _looks_like_restoreformer_pp(sd):
-        raise ValueError(f"{label} looks like RestoreFormer++ (keys 'vqvae.*'), which spandrel "
-                         f"{getattr(_spandrel(), '__version__', '')} cannot load; supported: CodeFormer, GFPGAN "
-                         f"v1.3/v1.4, RestoreFormer (RestoreFormer.pth)")
     spandrel = _spandrel()
+    if _looks_like_restoreformer_pp(sd):
+        if spandrel is None:
+            raise ImportError(SPANDREL_MISSING.format(name=label, arch="RestoreFormer++"))
+        if dtype == torch.float16:
+            raise ValueError("dtype: RestoreFormer++ does not run in fp16 (as spandrel's RestoreFormer); "
+                             "choose fp32 or bf16")
+        net = load_restoreformer_pp(sd, label)
+        return SpandrelFace(net, "RestoreFormer++").to(device=device, dtype=dtype).eval().requires_grad_(False)
     if spandrel is None:
         raise ImportError(SPANDREL_MISSING.format(name=label, arch="non-CodeFormer face"))
     try:
@@ -95,7 +187,7 @@ def load_face_model(source: str | os.PathLike | dict, device: torch.device | str
     except Exception as exc:  # spandrel's UnsupportedModelError and shape errors
         raise ValueError(f"{label} is not a face restoration model spandrel {spandrel.__version__} knows "
                          f"({type(exc).__name__}: {str(exc)[:200]}); supported: CodeFormer, GFPGAN v1.3/v1.4, "
-                         f"RestoreFormer") from None
+                         f"RestoreFormer, RestoreFormer++") from None
     arch = descriptor.architecture.id if hasattr(descriptor.architecture, "id") else str(descriptor.architecture)
     if getattr(descriptor, "purpose", None) != "FaceSR":
         raise ValueError(f"{label} is a {arch} model for '{getattr(descriptor, 'purpose', '?')}', not a face "

@@ -74,7 +74,7 @@ class FaceSettings:
     has_aligned: bool = False           # inputs are aligned face crops: restore directly, no detection or paste
     aligned_gray_threshold: float = 5.0  # the CLI's grey test threshold for aligned inputs
     draw_box: bool = False              # frame every pasted face in green (official draw_box)
-    face_fidelity: str = ""             # per-face fidelity: "0.5,0.7" (face j of every image) or "0.5,0.7; 0.9" (per image)
+    face_fidelity: str = ""             # "0.5,0.7": face j of every image; "0.5,0.7; 0.9": one group per image
     strength: float = 1.0               # blend of the restored face over the input face (1 = restored only)
     w: InitVar[float | None] = None     # old name of ``fidelity`` (cli.py)
 

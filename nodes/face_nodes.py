@@ -227,8 +227,8 @@ class CodeFormerFaceRestore:
 
 class LoadFaceModel:
     DESCRIPTION = ("Loads any face restoration model from the facerestore_models folder: CodeFormer (codeformer.pth), "
-                   "GFPGAN v1.3/v1.4 (GFPGANv1.4.pth) or RestoreFormer (RestoreFormer.pth); non-CodeFormer models "
-                   "are read with spandrel, which ships with ComfyUI.")
+                   "GFPGAN v1.3/v1.4 (GFPGANv1.4.pth), RestoreFormer (RestoreFormer.pth) or RestoreFormer++ "
+                   "(RestoreFormer++.ckpt); non-CodeFormer models need spandrel, which ships with ComfyUI.")
     CATEGORY = FACE_CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (FACE_MODEL_TYPE,)
@@ -240,9 +240,9 @@ class LoadFaceModel:
         return {"required": {
             "model_name": (_codeformer_first(comfy.list_files("facerestore_models")), {"tooltip":
                            "Weights in models/facerestore_models: codeformer.pth, GFPGANv1.4.pth, GFPGANv1.3.pth, "
-                           "RestoreFormer.pth (detected from the file's contents)."}),
+                           "RestoreFormer.pth, RestoreFormer++.ckpt (detected from the file's contents)."}),
             "dtype": (DTYPE_CHOICES, {"default": "fp32", "tooltip": "Compute precision. fp32 is the reference; "
-                                      "GFPGAN and RestoreFormer do not run in fp16."}),
+                                      "GFPGAN and RestoreFormer(++) do not run in fp16."}),
         }}
 
     def load(self, model_name, dtype="fp32"):
@@ -253,8 +253,8 @@ class LoadFaceModel:
 
 
 class FaceRestore:
-    DESCRIPTION = ("Finds every face, restores it with the chosen face model (CodeFormer, GFPGAN, RestoreFormer) and "
-                   "blends it back with a feathered, face-shaped mask; strength mixes the restored face with the "
+    DESCRIPTION = ("Finds every face, restores it with the chosen face model (CodeFormer, GFPGAN, RestoreFormer++) "
+                   "and blends it back with a feathered, face-shaped mask; strength mixes the restored face with the "
                    "original one.")
     CATEGORY = FACE_CATEGORY
     FUNCTION = "restore"
@@ -311,6 +311,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     f"{PREFIX}LoadCodeFormer": "Load CodeFormer",
     f"{PREFIX}LoadFaceDetector": "Load Face Detector",
     f"{PREFIX}CodeFormerRestore": "CodeFormer Face Restore",
-    f"{PREFIX}LoadFaceModel": "Load Face Model (CodeFormer, GFPGAN, RestoreFormer)",
+    f"{PREFIX}LoadFaceModel": "Load Face Model (CodeFormer, GFPGAN, RestoreFormer++)",
     f"{PREFIX}FaceRestore": "Face Restore (any face model)",
 }

@@ -88,6 +88,41 @@ def test_restoreformer_has_aligned_batch(models):
     assert out.shape == faces.shape and torch.equal(out, restored)
 
 
+def test_restoreformer_pp_config_is_read_from_the_released_layout():
+    sd = tiny_face_models.restoreformer_pp_state_dict(0)
+    assert all(k.startswith("vqvae.") for k in sd)
+    cfg = face_models.restoreformer_pp_config({k[6:]: v for k, v in sd.items()})
+    assert cfg["attn_resolutions"] == (16,) and cfg["decoder_attn_resolutions"] == (16, 32)
+    assert cfg["head_size"] == 4 and cfg["ch"] == 32 and len(cfg["ch_mult"]) == 6
+    plain = tiny_face_models.restoreformer_state_dict(0)
+    assert face_models.restoreformer_pp_config(plain)["head_size"] == 8  # the original RestoreFormer
+
+
+def test_restoreformer_pp_decoder_attends_to_the_encoder_level_features():
+    """The 32 px decoder attention takes the encoder's level-4 output as queries (official fallback key)."""
+    sd = tiny_face_models.restoreformer_pp_state_dict(0)
+    net = face_models.load_restoreformer_pp(sd, "test")
+    seen = {}
+    block = net.decoder.up[4].attn[0]
+    block.register_forward_hook(lambda m, args, out: seen.setdefault("y", args[1]))
+    x = torch.rand(1, 3, 512, 512) * 2 - 1
+    with torch.no_grad():
+        y = net(x)[0]
+        hs = net.encoder(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert torch.equal(seen["y"], hs["block_4"])
+
+
+def test_restoreformer_pp_load_restore_paste(models, detector):
+    tiny_face_models.write_restoreformer_pp(models, 0)
+    (fm,) = LoadFaceModel().load("RestoreFormer++.ckpt", "fp32")
+    assert fm.info["arch"] == "RestoreFormer++"
+    out, mask, restored, original, info = FaceRestore().restore(photo(seed=6), fm, detector, upscale=1)
+    assert out.shape == (1, 96, 96, 3) and mask.max() > 0.5 and torch.isfinite(out).all()
+    assert not torch.allclose(restored, original, atol=0.05)
+    assert "RestoreFormer++" in info
+
+
 @pytest.mark.slow
 def test_gfpgan_load_restore_paste(models, detector):
     tiny_face_models.write_gfpgan(models, 0)
@@ -124,7 +159,8 @@ def test_files_that_are_not_face_models_get_clear_errors(models, tmp_path):
     torch.save(Compact(num_feat=8, num_conv=2, upscale=4).state_dict(), upscaler)
     with pytest.raises(ValueError, match="not a face restoration model"):
         face_models.load_face_model(upscaler)
-    rfpp = {f"vqvae.{k}": v for k, v in tiny_face_models.restoreformer_state_dict(0).items()}
+    rfpp = dict(tiny_face_models.restoreformer_pp_state_dict(0))
+    del rfpp["vqvae.decoder.up.4.attn.0.q.weight"]
     with pytest.raises(ValueError, match=r"RestoreFormer\+\+"):
         face_models.load_face_model({"state_dict": rfpp})
     junk = tmp_path / "junk.pth"
