@@ -147,15 +147,10 @@ def load_restoreformer_pp(state_dict: dict, label: str) -> RestoreFormerPP:
         raise ValueError(f"{label}: incomplete RestoreFormer++ state dict (missing {exc})") from None
     with torch.random.fork_rng(devices=[]):  # the parts initialise at random: keep the global RNG
         net = RestoreFormerPP(config)
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [k for k in sd if k in expected and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{label}: not a RestoreFormer++ state dict: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} with wrong shapes "
-                         f"(e.g. {wrong[:3]})")
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    try:
+        net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    except RuntimeError as exc:  # missing / unexpected keys, wrong shapes
+        raise ValueError(f"{label}: not a RestoreFormer++ state dict ({str(exc)[:400]})") from None
     return net.eval().requires_grad_(False)
 
 

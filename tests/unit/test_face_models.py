@@ -10,28 +10,24 @@ import pytest
 import torch
 
 from photo_restoration.codeformer import face_models
-from photo_restoration.nodes import comfy
 from photo_restoration.nodes.face_nodes import (NODE_CLASS_MAPPINGS, CodeFormerFaceRestore, FaceRestore,
                                                 LoadCodeFormer, LoadFaceDetector, LoadFaceModel)
-from photo_restoration.testing import tiny_codeformer, tiny_face_models, tiny_faces
+from photo_restoration.testing import tiny_face_models
+
+from .test_face_nodes import models  # noqa: F401 (the fixture: tiny CodeFormer, detector and parser files)
 
 spandrel = pytest.importorskip("spandrel")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("face_models")
-    tiny_codeformer.WRITERS["codeformer"](root, 0)
-    tiny_face_models.write_restoreformer(root, 0)
-    tiny_faces.write_retinaface_mobilenet(root, 0)
-    tiny_faces.write_parsenet(root, 0)
-    comfy.set_models_dir(root)
-    yield root
-    comfy.set_models_dir(None)
+def rf_models(models):  # noqa: F811
+    """The models folder of test_face_nodes, plus RestoreFormer.pth."""
+    tiny_face_models.write_restoreformer(models, 0)
+    return models
 
 
 @pytest.fixture(scope="module")
-def detector(models):
+def detector(rf_models):
     return LoadFaceDetector().load("mobilenet0.25", "parsenet")[0]
 
 
@@ -62,7 +58,7 @@ def test_gfpgan_random_weights_are_detected_by_spandrel():
     assert face_models.architecture_of(model) == "GFPGAN"
 
 
-def test_restoreformer_load_restore_paste(models, detector):
+def test_restoreformer_load_restore_paste(rf_models, detector):
     (fm,) = LoadFaceModel().load("RestoreFormer.pth", "fp32")
     assert fm.info["arch"] == "RestoreFormer"
     img = photo()
@@ -75,13 +71,13 @@ def test_restoreformer_load_restore_paste(models, detector):
     assert "RestoreFormer" in info and "1 restored" in info and "parse mask=on" in info
 
 
-def test_restoreformer_strength_zero_pastes_the_original_face(models, detector):
+def test_restoreformer_strength_zero_pastes_the_original_face(rf_models, detector):
     (fm,) = LoadFaceModel().load("RestoreFormer.pth", "fp32")
     out, mask, restored, original, info = FaceRestore().restore(photo(), fm, detector, strength=0.0)
     assert torch.equal(restored, original)
 
 
-def test_restoreformer_has_aligned_batch(models):
+def test_restoreformer_has_aligned_batch(rf_models):
     (fm,) = LoadFaceModel().load("RestoreFormer.pth", "fp32")
     faces = torch.rand(2, 512, 512, 3, generator=torch.Generator().manual_seed(1))
     out, mask, restored, original, info = FaceRestore().restore(faces, fm, None, has_aligned=True)
@@ -113,8 +109,8 @@ def test_restoreformer_pp_decoder_attends_to_the_encoder_level_features():
     assert torch.equal(seen["y"], hs["block_4"])
 
 
-def test_restoreformer_pp_load_restore_paste(models, detector):
-    tiny_face_models.write_restoreformer_pp(models, 0)
+def test_restoreformer_pp_load_restore_paste(rf_models, detector):
+    tiny_face_models.write_restoreformer_pp(rf_models, 0)
     (fm,) = LoadFaceModel().load("RestoreFormer++.ckpt", "fp32")
     assert fm.info["arch"] == "RestoreFormer++"
     out, mask, restored, original, info = FaceRestore().restore(photo(seed=6), fm, detector, upscale=1)
@@ -124,8 +120,8 @@ def test_restoreformer_pp_load_restore_paste(models, detector):
 
 
 @pytest.mark.slow
-def test_gfpgan_load_restore_paste(models, detector):
-    tiny_face_models.write_gfpgan(models, 0)
+def test_gfpgan_load_restore_paste(rf_models, detector):
+    tiny_face_models.write_gfpgan(rf_models, 0)
     try:
         (fm,) = LoadFaceModel().load("GFPGANv1.4.pth", "fp32")
         assert fm.info["arch"] == "GFPGAN"
@@ -139,10 +135,10 @@ def test_gfpgan_load_restore_paste(models, detector):
         with pytest.raises(ValueError, match="dtype"):
             LoadFaceModel().load("GFPGANv1.4.pth", "fp16")
     finally:
-        (models / "facerestore_models" / "GFPGANv1.4.pth").unlink()
+        (rf_models / "facerestore_models" / "GFPGANv1.4.pth").unlink()
 
 
-def test_codeformer_through_load_face_model_equals_the_codeformer_node(models, detector):
+def test_codeformer_through_load_face_model_equals_the_codeformer_node(rf_models, detector):
     (fm,) = LoadFaceModel().load("codeformer.pth", "fp32")
     (cf,) = LoadCodeFormer().load("codeformer.pth", "fp32")
     assert fm.info["arch"] == "CodeFormer"
@@ -152,7 +148,7 @@ def test_codeformer_through_load_face_model_equals_the_codeformer_node(models, d
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
 
 
-def test_files_that_are_not_face_models_get_clear_errors(models, tmp_path):
+def test_files_that_are_not_face_models_get_clear_errors(rf_models, tmp_path):
     from spandrel.architectures.Compact import Compact
 
     upscaler = tmp_path / "4x_compact.pth"
@@ -169,7 +165,7 @@ def test_files_that_are_not_face_models_get_clear_errors(models, tmp_path):
         face_models.load_face_model(junk)
 
 
-def test_missing_spandrel_is_a_clear_error_naming_it(models, monkeypatch):
+def test_missing_spandrel_is_a_clear_error_naming_it(rf_models, monkeypatch):
     monkeypatch.setattr(face_models, "_spandrel", lambda: None)
     with pytest.raises(ImportError, match="spandrel"):
         LoadFaceModel().load("RestoreFormer.pth", "fp32")
