@@ -25,7 +25,9 @@ Deliberate differences from the references (all reported in the info text where 
   (:func:`faces.is_toned`) count as grey-looking too, and the facexlib variant gets the same handling;
 * faces can be gated by size, picked by index, capped in number, given their own fidelity, and blended
   with the input face (``strength``);
-* faces are batched per image only, so an image's result does not depend on the other images of the batch.
+* faces are batched per image only, so an image's result does not depend on the other images of the batch;
+* non-finite input pixels are read as 0 (NaN) or clipped (+-inf) wherever the picture is processed, and the
+  report says so; an image left untouched (no face, upscale 1) comes back exactly as given.
 """
 from __future__ import annotations
 
@@ -335,6 +337,7 @@ def prepare_image(img: np.ndarray, s: FaceSettings) -> dict:
         rgb01 = np.repeat(img[:, :, :1], 3, axis=2)
     else:
         rgb01 = img[:, :, :3]
+    finite = bool(np.isfinite(rgb01).all())
     rgb01 = np.ascontiguousarray(np.clip(np.nan_to_num(rgb01), 0, 1), dtype=np.float32)
     work01 = rgb01
     if not s.has_aligned and s.helper == "codeformer" and s.upsize_small and min(h, w) < 512:
@@ -347,8 +350,9 @@ def prepare_image(img: np.ndarray, s: FaceSettings) -> dict:
         work_u8 = cv2.resize(work_u8, (F.FACE_SIZE, F.FACE_SIZE), interpolation=cv2.INTER_LINEAR)
     threshold = s.aligned_gray_threshold if s.has_aligned else s.gray_threshold
     gray = c in (1, 2) or F.is_gray(work_u8, threshold) or F.is_toned(work_u8, threshold)
+    notes = [] if finite else ["non-finite pixels: NaN read as 0, +-inf clipped to 1 / 0"]
     return {"rgb01": rgb01, "work01": work01, "work_u8": work_u8, "alpha": alpha, "gray": gray,
-            "faces": [], "n_detected": 0, "notes": []}
+            "faces": [], "n_detected": 0, "notes": notes}
 
 
 def detect_faces(item: dict, detector: Any, s: FaceSettings, input_h: int) -> None:
@@ -358,7 +362,7 @@ def detect_faces(item: dict, detector: Any, s: FaceSettings, input_h: int) -> No
     chosen, notes = select_faces(dets, work_u8.shape[:2], s, px_scale=input_h / work_u8.shape[0])
     for face in chosen:
         face["crop"] = F.align_face(work_u8, face["affine"], rgb=True)
-    item.update(faces=chosen, n_detected=len(dets), notes=notes)
+    item.update(faces=chosen, n_detected=len(dets), notes=item["notes"] + notes)
 
 
 def aligned_face(item: dict) -> None:

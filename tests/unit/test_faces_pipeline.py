@@ -311,3 +311,11 @@ def test_each_image_gives_the_same_result_alone_or_in_a_batch(detector, parser):
         alone = restore_faces(batch[i:i + 1], net, detector, parser, batch_size=8)
         assert torch.equal(alone.images[0], together.images[i]), i
         assert torch.equal(alone.mask[0], together.mask[i]), i
+
+
+def test_non_finite_pixels_are_read_by_a_documented_rule(detector):
+    img = photo()
+    img[0, :10, :10, 0] = float("nan")
+    img[0, 20:30, :10, 1] = float("inf")
+    res = restore_faces(img, StubCodeFormer(), detector, use_parse=False, upscale=2)
+    assert torch.isfinite(res.images).all() and "non-finite" in res.info
