@@ -116,7 +116,10 @@ class ComfyServer:
         """Wait for a queued prompt's history entry (success, error or interrupted) and return it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
+            try:
+                hist = self.get(f"/history/{prompt_id}", timeout=60)
+            except (TimeoutError, urllib.error.URLError, ConnectionError):  # busy loading a big model: ask again
+                hist = {}
             if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
                 entry = hist[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error"):
