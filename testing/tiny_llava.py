@@ -8,7 +8,6 @@ to the LLaVA-1.5 conversation); the NeXT folder carries a Mistral-style ``[INST]
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -113,13 +112,10 @@ PUBLISHED_LLAVA = "llava-1.5-7b-hf"  # the folder name example workflows use (ll
 
 
 def write_tiny_llava(models_dir: Path, seed: int) -> list[Path]:
-    """``models/LLM/llava-tiny`` (LLaVA-1.5), the same under the published folder name
-    ``models/LLM/llava-1.5-7b-hf``, and ``models/LLM/llava-next-tiny`` (LLaVA-NeXT)."""
+    """``models/LLM/llava-1.5-7b-hf`` (a tiny LLaVA-1.5 under the published folder name) and
+    ``models/LLM/llava-next-tiny`` (LLaVA-NeXT)."""
     llm = Path(models_dir) / "LLM"
-    files = save_llava(llm / "llava-tiny", "llava", seed)
-    shutil.copytree(llm / "llava-tiny", llm / PUBLISHED_LLAVA, dirs_exist_ok=True)
-    files += sorted(p for p in (llm / PUBLISHED_LLAVA).iterdir() if p.is_file())
-    return files + save_llava(llm / "llava-next-tiny", "llava_next", seed + 1)
+    return save_llava(llm / PUBLISHED_LLAVA, "llava", seed) + save_llava(llm / "llava-next-tiny", "llava_next", seed + 1)
 
 
 WRITERS = {"llava": write_tiny_llava}

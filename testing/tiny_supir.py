@@ -5,15 +5,14 @@ UNet, ``first_stage_model.*`` VAE and ``conditioner.embedders.*`` text encoders;
 ``testing/tiny_supir_parts.py``).
 ``models/checkpoints/tiny_supir_v0.safetensors``: float32 SUPIR-v0 checkpoint (``model.control_model.*``,
 ``model.diffusion_model.project_modules.*``, ``first_stage_model.denoise_encoder.*``).
-The same weights are also written under the published names the example workflows use:
-``sd_xl_base_1.0.safetensors`` (same file), and ``SUPIR-v0Q.ckpt`` / ``SUPIR-v0F.ckpt`` as flat
-weights-only pickles like the published ``.ckpt`` files (v0F with other random weights).
+``write_all`` (the registered writer) puts the same weights under the published names the example
+workflows use: ``sd_xl_base_1.0.safetensors``, and ``SUPIR-v0Q.ckpt`` as a flat weights-only pickle like
+the published ``.ckpt`` files.
 The UNet is a scaled-down SDXL (3 levels, transformers on levels 1-2, widths 32/64/64) whose
 attention heads are 64 wide like the official ones, so the default ``num_head_channels`` loads it.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +22,6 @@ from .tiny_checkpoints import random_state_dict
 # The published file names (example workflows name these; tests put tiny weights under them).
 PUBLISHED_SDXL = "sd_xl_base_1.0.safetensors"
 PUBLISHED_SUPIR_Q = "SUPIR-v0Q.ckpt"
-PUBLISHED_SUPIR_F = "SUPIR-v0F.ckpt"
 
 TINY_UNET = {
     "in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": [1, 2, 2],
@@ -80,13 +78,21 @@ def write_tiny_supir(models_dir: Path, seed: int = 0) -> list[Path]:
     save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sdxl.items()}, str(p_sdxl),
               metadata={"format": "pt"})
     save_file({k: v.float().contiguous() for k, v in supir.items()}, str(p_supir), metadata={"format": "pt"})
-    published = [out / PUBLISHED_SDXL, out / PUBLISHED_SUPIR_Q, out / PUBLISHED_SUPIR_F]
-    shutil.copyfile(p_sdxl, published[0])
+    return [p_sdxl, p_supir]
+
+
+def write_supir_checkpoints(models_dir: Path, seed: int = 0) -> list[Path]:
+    """The tiny weights under the published names: ``sd_xl_base_1.0.safetensors`` (SDXL) and ``SUPIR-v0Q.ckpt``, a
+    flat weights-only pickle like the published file (one SUPIR file, so that nothing has to choose)."""
+    p_sdxl, p_supir = write_tiny_supir(models_dir, seed)
+    out = p_sdxl.parent
+    published = [out / PUBLISHED_SDXL, out / PUBLISHED_SUPIR_Q]
+    p_sdxl.replace(published[0])
+    p_supir.unlink()
+    _, supir = tiny_state_dicts(seed)
+    supir.update(_parts(seed)[1])
     torch.save({k: v.float().contiguous() for k, v in supir.items()}, published[1])
-    _, supir_f = tiny_state_dicts(seed + 1)
-    supir_f.update(_parts(seed + 1)[1])
-    torch.save({k: v.float().contiguous() for k, v in supir_f.items()}, published[2])
-    return [p_sdxl, p_supir, *published]
+    return published
 
 
-WRITERS = {"supir": write_tiny_supir}
+WRITERS = {"supir": write_supir_checkpoints}

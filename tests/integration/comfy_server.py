@@ -46,7 +46,8 @@ class ComfyServer:
         self.log_path = self.base_dir / "comfyui.log"
         self.pack_name = pack_name
         self.proc: subprocess.Popen | None = None
-        self.extra_args, self.extra_env, self.custom_nodes = list(extra_args), dict(extra_env or {}), custom_nodes or {}
+        self.extra_args = tuple(extra_args)
+        self.extra_env, self.custom_nodes = dict(extra_env or {}), dict(custom_nodes or {})
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 240.0) -> "ComfyServer":
@@ -124,7 +125,10 @@ class ComfyServer:
         """Wait for a queued prompt's history entry (success, error or interrupted) and return it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
+            try:
+                hist = self.get(f"/history/{prompt_id}", timeout=60)
+            except (TimeoutError, urllib.error.URLError, ConnectionError):  # busy loading a big model: ask again
+                hist = {}
             if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
                 entry = hist[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error"):

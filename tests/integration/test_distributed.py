@@ -113,8 +113,8 @@ def load_prompt(master: ComfyServer, name: str, seed: int) -> dict:
     for node in prompt.values():
         if node["class_type"] == "PhotoRestoreCodeFormerRestore":
             node["inputs"]["max_faces"] = 1  # the tiny detector finds two; each costs ~9 s on one CPU thread
-            # one face per network call: faces of several images in one call differ in the last float bits
-            # (then, rarely, by one 8-bit step) from one face per call, unless faces are chunked per image
+            # one face per network call: faces of several images in one call (before faces were chunked per
+            # image) differed in the last float bits, once by one 8-bit step, from one face per call
             node["inputs"]["face_batch_size"] = 1
     return prompt
 

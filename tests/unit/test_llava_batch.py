@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from photo_restoration.supir import caption as cap
-from photo_restoration.testing.tiny_llava import write_tiny_llava
+from photo_restoration.testing.tiny_llava import PUBLISHED_LLAVA, write_tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llava(folders):
-    return cap.load_llava(folders / "llava-tiny", torch.float32)
+    return cap.load_llava(folders / PUBLISHED_LLAVA, torch.float32)
 
 
 @pytest.fixture(scope="module")
