@@ -126,31 +126,48 @@ def scaled_latent(latent: dict, name: str = "latent") -> torch.Tensor:
     return z.float() * SCALE_FACTOR
 
 
-def _trusted(latent: dict) -> bool:
-    """Whether the recorded sizes still describe ``samples``: core latent nodes copy the dict and replace
-    ``samples`` (upscale, crop...), leaving our keys behind, stale."""
+def _recorded(latent: dict) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(size, work) the recorded keys give for the *current* samples, or None when they no longer describe them.
+
+    Core latent nodes copy the dict and replace ``samples`` (upscale, crop, batch...), leaving our keys behind.
+    The same shape: the keys hold. A uniform rescale (LatentUpscaleBy: one factor k gives both sides as
+    round(side * k)): the sizes scale with it, keeping the picture's aspect and padding. Anything else (crop,
+    resize to another aspect): stale, ignored -- the latent decodes at 8x its samples. (A crop of a square
+    latent to a square is indistinguishable from a downscale and is treated as one.)
+    """
     shape = latent.get(SHAPE_KEY)
-    return (SIZE_KEY in latent and shape is not None
-            and tuple(shape) == tuple(latent["samples"].shape[-2:]))
+    if SIZE_KEY not in latent or shape is None:
+        return None
+    (rh, rw), (h, w) = (int(v) for v in shape), latent["samples"].shape[-2:]
+    size, work = tuple(latent[SIZE_KEY]), tuple(latent.get(WORK_KEY, latent[SIZE_KEY]))
+    if (h, w) == (rh, rw):
+        return size, work
+    if max((h - 0.5) / rh, (w - 0.5) / rw) >= min((h + 0.5) / rh, (w + 0.5) / rw):
+        return None  # no one scale k gives both sides as round(side * k)
+    kh, kw = h / rh, w / rw
+    scale = lambda v, k, cap: min(max(1, round(v * k)), cap)  # noqa: E731
+    return ((scale(size[0], kh, 1 << 30), scale(size[1], kw, 1 << 30)),
+            (scale(work[0], kh, h * 8), scale(work[1], kw, w * 8)))
 
 
 def latent_size(latent: dict) -> tuple[int, int]:
-    """The image size a LATENT stands for: our recorded size while it is current, else 8x the samples."""
-    if _trusted(latent):
-        return tuple(latent[SIZE_KEY])
-    return latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8
+    """The image size a LATENT stands for: our recorded size while it describes the samples, else 8x the samples."""
+    recorded = _recorded(latent)
+    return recorded[0] if recorded else (latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8)
 
 
 def latent_work(latent: dict) -> tuple[int, int]:
     """The unpadded part of the decoded latent in pixels (all of it for core or changed latents)."""
-    if _trusted(latent):
-        return tuple(latent.get(WORK_KEY, latent[SIZE_KEY]))
-    return latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8
+    recorded = _recorded(latent)
+    return recorded[1] if recorded else (latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8)
 
 
 def size_keys(latent: dict) -> dict:
-    """The size keys of a LATENT still describing its samples, to carry over to a LATENT of the same shape."""
-    return {k: latent[k] for k in SIZE_KEYS if k in latent} if _trusted(latent) else {}
+    """The size keys describing a LATENT's current samples, for a derived LATENT of the same shape."""
+    recorded = _recorded(latent)
+    if recorded is None:
+        return {}
+    return {SIZE_KEY: recorded[0], WORK_KEY: recorded[1], SHAPE_KEY: tuple(latent["samples"].shape[-2:])}
 
 
 # --------------------------------------------------------------------------------------------

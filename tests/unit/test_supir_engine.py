@@ -160,15 +160,20 @@ def test_sizes_survive_nodes_that_keep_the_samples_shape():
         assert IO.latent_size(derived) == (130, 196) and IO.latent_work(derived) == (130, 196)
 
 
-def test_sizes_go_stale_when_a_core_node_changes_the_samples_size():
+def test_sizes_scale_with_a_uniform_upscale_and_go_stale_on_other_changes():
     lat = _ours()
     up = dict(lat)  # LatentUpscaleBy x2: s = samples.copy(); s["samples"] = upscaled
     up["samples"] = torch.nn.functional.interpolate(lat["samples"], scale_factor=2.0)
+    assert IO.latent_size(up) == IO.latent_work(up) == (260, 392)  # the picture x2, padding cropped as before
+    assert IO.size_keys(up)[IO.SHAPE_KEY] == (34, 50)
     crop = dict(lat)  # LatentCrop
     crop["samples"] = lat["samples"][..., 2:12, 3:19]
-    assert IO.latent_size(up) == IO.latent_work(up) == (272, 400)
-    assert IO.latent_size(crop) == IO.latent_work(crop) == (80, 128)
-    assert IO.size_keys(up) == {} and IO.size_keys(lat)
+    resized = dict(lat)  # LatentUpscale to another aspect
+    resized["samples"] = torch.nn.functional.interpolate(lat["samples"], size=(24, 32))
+    for changed in (crop, resized):
+        h, w = changed["samples"].shape[-2:]
+        assert IO.latent_size(changed) == IO.latent_work(changed) == (8 * h, 8 * w)
+        assert IO.size_keys(changed) == {}
     core = {"samples": torch.zeros(1, 4, 9, 11)}
     assert IO.latent_size(core) == (72, 88)
 
@@ -190,12 +195,15 @@ def tiny(tmp_path_factory):
     comfy.set_models_dir(None)
 
 
-def test_decode_after_a_core_upscale_gives_the_new_size(tiny):
+def test_decode_after_core_latent_nodes_gives_the_current_size(tiny):
     lat = N.Encode().encode(tiny, torch.rand(1, 100, 68, 3), True, 512)[0]
     assert N.Decode().decode(tiny, lat, True, 512)[0].shape == (1, 100, 68, 3)
     up = dict(lat)
     up["samples"] = torch.nn.functional.interpolate(lat["samples"], scale_factor=2.0)
-    assert N.Decode().decode(tiny, up, True, 512)[0].shape == (1, 256, 256, 3)
+    assert N.Decode().decode(tiny, up, True, 512)[0].shape == (1, 200, 136, 3)  # not the old 100x68
+    crop = dict(lat)
+    crop["samples"] = lat["samples"][..., :6, :5]
+    assert N.Decode().decode(tiny, crop, True, 512)[0].shape == (1, 48, 40, 3)
 
 
 def test_encode_samples_the_posterior_by_default_like_the_official_guidance_path(tiny):
