@@ -76,8 +76,10 @@ def demo(args: argparse.Namespace) -> int:
     photo = synthetic_photo(*args.size)
     photo.save(out / "input.png")
     print(f"demo: wrote {out / 'input.png'} and tiny weights in {out / 'models'}")
+    ckpts = out / "models" / "checkpoints"  # the tiny files under the published names
     restore_args = _RESTORE_PARSER().parse_args([
         str(out / "input.png"), "--out", str(out / "restored"), "--models", str(out / "models"),
+        "--sdxl", str(ckpts / "sd_xl_base_1.0.safetensors"), "--supir", str(ckpts / "SUPIR-v0Q.ckpt"),
         "--upscale", "2", "--steps", str(args.steps), "--min-short-side", "0", "--seed", "0"])
     restore_args.faces = _faces_available()
     restore_args.quiet_missing = True

@@ -544,11 +544,13 @@ def test_cli_restore_a_folder(models_dir, tmp_path):
     src.mkdir()
     synthetic_photo(45, 37).save(src / "a.png")
     synthetic_photo(40, 40, seed=1).save(src / "b.jpg")
-    code = main(["restore", str(src), "--out", str(tmp_path / "out"), "--models", str(models_dir), "--steps", "2",
-                 "--min-short-side", "0", "--preset", "lightning", "--caption", "a photo", "--tiled", "--tile-size", "64",
+    ckpts = models_dir / "checkpoints"
+    pick = ["--sdxl", str(ckpts / "sd_xl_base_1.0.safetensors"), "--supir", str(ckpts / "SUPIR-v0Q.ckpt")]
+    code = main(["restore", str(src), "--out", str(tmp_path / "out"), "--models", str(models_dir), *pick,
+                 "--steps", "2", "--min-short-side", "0", "--preset", "lightning", "--caption", "a photo", "--tiled", "--tile-size", "64",
                  "--tile-stride", "32"])
     assert code == 0
-    code = main(["restore", str(src / "a.png"), "--out", str(tmp_path / "llava"), "--models", str(models_dir),
+    code = main(["restore", str(src / "a.png"), "--out", str(tmp_path / "llava"), "--models", str(models_dir), *pick,
                  "--steps", "1", "--min-short-side", "0", "--caption-llava", "llava-tiny", "--caption-tokens", "4",
                  "--upscale", "1"])
     assert code == 0
