@@ -255,19 +255,6 @@ def unload(managed: Managed) -> None:
     managed.model.to(offload_device())
 
 
-def free_memory(bytes_needed: int, device: torch.device | None = None) -> None:
-    """Ask the host to make room on ``device`` (no-op outside ComfyUI)."""
-    if comfy_present():
-        import comfy.model_management as mm
-
-        mm.free_memory(bytes_needed, device or mm.get_torch_device())
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for an out-of-memory error of the compute device."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 # --------------------------------------------------------------------------------------------
 # Progress and interrupt
 # --------------------------------------------------------------------------------------------

@@ -23,8 +23,7 @@ from . import ops
 from .control import ADAPTER_CONFIG, SupirDiffusion, adapter_layout
 from .denoiser import SupirDenoiser
 from .unet import unet_config
-
-SCALE_FACTOR = 0.13025
+from .vae import SCALE_FACTOR
 IGNORED_KEYS = re.compile(r"(^|\.)(mask_LQ|denoiser\.sigmas|model_ema\.)")
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 SUPIR_PREFIXES = ("model.", "")
@@ -523,23 +522,3 @@ def _load_vae_text(sdxl, supir, vae_dtype, dtype, device, with_vae, with_text, a
         s_src.close()
         p_src.close()
     return vae, text
-
-
-def sdxl_state_dict_from_comfy(unet_sd: Mapping[str, torch.Tensor], vae_sd: Mapping[str, torch.Tensor] | None = None,
-                               clip_sd: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """An SGM-layout SDXL state dict (what :func:`load_supir` takes as ``sdxl``) from ComfyUI's parts:
-    the MODEL's UNet (``diffusion_model.*`` or bare ``input_blocks.*`` keys), ``VAE.get_sd()`` and
-    ``CLIP.get_sd()`` (``clip_l.*`` / ``clip_g.*``). Tensors are shared, not copied."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in unet_sd.items():
-        for p in ("model.diffusion_model.", "diffusion_model.", ""):
-            if k.startswith(p):
-                out["model.diffusion_model." + k[len(p):]] = v
-                break
-    for k, v in (vae_sd or {}).items():
-        out["first_stage_model." + k.removeprefix("first_stage_model.")] = v
-    if clip_sd:
-        from .text import comfy_clip_to_sgm
-
-        out.update({"conditioner.embedders." + k: v for k, v in comfy_clip_to_sgm(dict(clip_sd)).items()})
-    return out

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vae import GN_GROUPS, AttnBlock, Decoder, Encoder, ResnetBlock
+from .vae_blocks import GN_GROUPS, AttnBlock, Decoder, Encoder, ResnetBlock
 
 ENCODER_PAD = 32
 DECODER_PAD = 11

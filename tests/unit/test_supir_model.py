@@ -19,8 +19,8 @@ from tests.parity import harness
 from photo_restoration.supir.control import LightGLVUNet, SupirDiffusion
 from photo_restoration.supir.denoiser import ddpm_sigmas, quantize_sigma
 from photo_restoration.supir.loader import (build_diffusion, detect_adapter_config, detect_unet_config, load_diffusion,
-                                            load_supir, read_state_dict, sdxl_state_dict_from_comfy)
-from photo_restoration.supir.text import sgm_to_comfy_clip
+                                            load_supir, read_state_dict)
+from photo_restoration.testing.comfy_layouts import sdxl_state_dict_from_comfy, sgm_to_comfy_clip
 from photo_restoration.supir.unet import SDXL_CONFIG
 from photo_restoration.testing.tiny_supir import TINY_ADAPTER, TINY_UNET, tiny_state_dicts, write_tiny_supir
 
