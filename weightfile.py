@@ -267,8 +267,12 @@ def load_pickle(path: PathLike, what: str = "weights") -> Any:
         return _torch_load(path, fmt)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError,
             KeyError, IndexError, struct.error, UnicodeDecodeError, zipfile.BadZipFile) as exc:
-        size = path.stat().st_size
-        reason = "the file is empty" if size == 0 else unpickling_reason(exc)
+        reason = unpickling_reason(exc)
+        if path.stat().st_size == 0:
+            reason = "the file is empty"
+        elif fmt == "unknown" and reason.startswith("not a PyTorch"):
+            with open(path, "rb") as f:
+                reason = f"not a PyTorch or safetensors weight file (it begins with {f.read(16)!r})"
         raise ValueError(f"cannot read {what} {path}: {reason}") from None
 
 
