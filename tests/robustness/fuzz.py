@@ -20,6 +20,7 @@ from photo_restoration import NODE_CLASS_MAPPINGS
 
 MAX_MESSAGE = 20_000  # characters: an error or report longer than this is not a clear message
 MAX_TEXT_OUTPUT = 1_000_000
+UNSAFE_ADVICE = ("weights_only=False", "weights_only` set to `False", "trust_remote_code=True")
 
 # ---- cases fixed on other branches ----------------------------------------------------------------
 # case id -> branch. The lead removes an entry once that branch is merged (strict=False: an entry whose case
@@ -166,6 +167,7 @@ def outcome(run: Callable[[], Any], inputs: dict, names: Iterable[str],
     except errors as exc:
         message = str(exc)
         assert len(message) < MAX_MESSAGE, f"error message of {len(message)} characters"
+        assert not any(bad in message for bad in UNSAFE_ADVICE), f"the error advises something unsafe: {message}"
         wanted = [str(n).lower() for n in names]
         assert any(n in message.lower() for n in wanted), \
             f"{type(exc).__name__} does not name the input (any of {list(names)}): {message[:2000]}"

@@ -141,3 +141,33 @@ FACE_INDEX = {"abc": "abc", "open-range": "1-", "huge-range": "0-99999999999", "
 def test_face_index_text(fx, value):
     inputs = {**_base("CodeFormerRestore", fx), "face_index": value, "min_face_size": 8192}
     outcome(lambda: call(node("CodeFormerRestore"), inputs), inputs, ["face_index", value[:20]])
+
+
+# ---- loader dropdowns ------------------------------------------------------------------------------------
+
+def _loader_choice_cases():
+    for short, widgets in {"SupirLoader": ("weight_dtype", "vae_dtype"), "LoadCodeFormer": ("dtype",),
+                           "LoadFaceDetector": ("parser",), "LoadLlava": ("dtype", "quantization")}.items():
+        specs = input_specs(node(short))
+        for widget in widgets:
+            for choice in [*specs[widget][0], UNKNOWN]:
+                label = "unknown" if choice == UNKNOWN else choice
+                yield case(f"{short}-{widget}-{label}", short, widget, choice)
+
+
+@pytest.mark.parametrize("short, widget, value", list(_loader_choice_cases()))
+def test_loader_choices(names, short, widget, value):
+    base = {
+        "SupirLoader": {"sdxl_checkpoint": names["sdxl"], "supir_checkpoint": names["supir"],
+                        "weight_dtype": "fp32", "vae_dtype": "fp32"},
+        "LoadCodeFormer": {"model_name": names["codeformer"], "dtype": "fp32"},
+        "LoadFaceDetector": {"detector": "mobilenet0.25", "parser": "parsenet"},
+        "LoadLlava": {"model": names["llava"], "dtype": "fp32", "quantization": "none"},
+    }[short]
+    inputs = {**base, widget: value}
+    # 8bit/4bit LLaVA on a machine without bitsandbytes or CUDA: an environment limit, reported as RuntimeError
+    # (a choice whose file is not in the folder, e.g. bisenet here: FileNotFoundError naming the file)
+    errors = (ValueError, FileNotFoundError)
+    if widget == "quantization" and value != UNKNOWN:
+        errors += (RuntimeError,)
+    outcome(lambda: call(node(short), inputs), inputs, [widget, str(value), "bitsandbytes"], errors=errors)
