@@ -50,28 +50,30 @@ def names(tiny_models) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def supir(tiny_models, names):
-    comfy.set_models_dir(tiny_models[0])
-    return call(node("SupirLoader"), {"sdxl_checkpoint": names["sdxl"], "supir_checkpoint": names["supir"],
-                                      "weight_dtype": "fp32", "vae_dtype": "fp32"})[0]
+def loader_inputs(names) -> dict[str, dict]:
+    """Working inputs of every loader node (node short name -> inputs) on the tiny files, in fp32."""
+    return {
+        "SupirLoader": {"sdxl_checkpoint": names["sdxl"], "supir_checkpoint": names["supir"],
+                        "weight_dtype": "fp32", "vae_dtype": "fp32"},
+        "LoadCodeFormer": {"model_name": names["codeformer"], "dtype": "fp32"},
+        "LoadFaceDetector": {"detector": "mobilenet0.25", "parser": "parsenet"},
+        "LoadLlava": {"model": names["llava"], "dtype": "fp32", "quantization": "none"},
+    }
 
 
-@pytest.fixture(scope="session")
-def codeformer(tiny_models, names):
-    comfy.set_models_dir(tiny_models[0])
-    return call(node("LoadCodeFormer"), {"model_name": names["codeformer"], "dtype": "fp32"})[0]
+def _loaded(fixture_name: str, short: str):
+    """A session fixture holding what loader node ``short`` returns for the tiny files."""
+    @pytest.fixture(scope="session", name=fixture_name)
+    def fixture(tiny_models, loader_inputs):
+        comfy.set_models_dir(tiny_models[0])
+        return call(node(short), loader_inputs[short])[0]
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def face_detector(tiny_models):
-    comfy.set_models_dir(tiny_models[0])
-    return call(node("LoadFaceDetector"), {"detector": "mobilenet0.25", "parser": "parsenet"})[0]
-
-
-@pytest.fixture(scope="session")
-def llava(tiny_models, names):
-    comfy.set_models_dir(tiny_models[0])
-    return call(node("LoadLlava"), {"model": names["llava"], "dtype": "fp32", "quantization": "none"})[0]
+supir_fixture = _loaded("supir", "SupirLoader")
+codeformer_fixture = _loaded("codeformer", "LoadCodeFormer")
+face_detector_fixture = _loaded("face_detector", "LoadFaceDetector")
+llava_fixture = _loaded("llava", "LoadLlava")
 
 
 @pytest.fixture(scope="session")

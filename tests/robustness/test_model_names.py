@@ -117,14 +117,8 @@ def _loader_cases():
 
 
 @pytest.mark.parametrize("short, widget, value", list(_loader_cases()))
-def test_loader_nodes_refuse_names_outside_their_folders(names, short, widget, value):
-    defaults = {
-        "SupirLoader": {"sdxl_checkpoint": names["sdxl"], "supir_checkpoint": names["supir"],
-                        "weight_dtype": "fp32", "vae_dtype": "fp32"},
-        "LoadCodeFormer": {"model_name": names["codeformer"], "dtype": "fp32"},
-        "LoadLlava": {"model": names["llava"], "dtype": "fp32", "quantization": "none"},
-    }[short]
-    inputs = {**defaults, widget: value}
+def test_loader_nodes_refuse_names_outside_their_folders(loader_inputs, short, widget, value):
+    inputs = {**loader_inputs[short], widget: value}
     words = [str(value)[:30], "model chosen", "not a valid file name"]
     kind = outcome(lambda: call(node(short), inputs), inputs, words, errors=(ValueError, FileNotFoundError))
     assert kind == "error"

@@ -3,14 +3,10 @@ hand-edited or API-submitted workflow can send), and awkward strings (empty, 300
 Each case: a finite result, or a ValueError naming the widget or its value; inputs unchanged."""
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
-from .fuzz import call, case, input_specs, node, numeric_limits, outcome, picture, widget_defaults
+from .fuzz import FULL, call, case, input_specs, node, numeric_limits, outcome, picture, widget_defaults
 
-FULL = os.environ.get("PHOTORESTORE_FUZZ_FULL") == "1"
 # Widget values the widgets allow but a 2-core CI machine cannot afford on every push (minutes each on a CPU);
 # PHOTORESTORE_FUZZ_FULL=1 runs them too.
 COSTLY = {("SupirSampler", "steps", "max"), ("SupirRestore", "steps", "max"),
@@ -156,15 +152,8 @@ def _loader_choice_cases():
 
 
 @pytest.mark.parametrize("short, widget, value", list(_loader_choice_cases()))
-def test_loader_choices(names, short, widget, value):
-    base = {
-        "SupirLoader": {"sdxl_checkpoint": names["sdxl"], "supir_checkpoint": names["supir"],
-                        "weight_dtype": "fp32", "vae_dtype": "fp32"},
-        "LoadCodeFormer": {"model_name": names["codeformer"], "dtype": "fp32"},
-        "LoadFaceDetector": {"detector": "mobilenet0.25", "parser": "parsenet"},
-        "LoadLlava": {"model": names["llava"], "dtype": "fp32", "quantization": "none"},
-    }[short]
-    inputs = {**base, widget: value}
+def test_loader_choices(loader_inputs, short, widget, value):
+    inputs = {**loader_inputs[short], widget: value}
     # 8bit/4bit LLaVA on a machine without bitsandbytes or CUDA: an environment limit, reported as RuntimeError
     # (a choice whose file is not in the folder, e.g. bisenet here: FileNotFoundError naming the file)
     errors = (ValueError, FileNotFoundError)
