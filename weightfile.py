@@ -140,6 +140,10 @@ class SafetensorsSource(TensorSource):
 
 # ---- safetensors header -------------------------------------------------------------------------
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return getattr(dtype, "itemsize", 0) or torch.empty((), dtype=dtype).element_size()  # torch < 2.1: no itemsize
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -193,7 +197,7 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, str], dict[str, d
         numel = 1
         for d in shape:
             numel *= d
-        itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        itemsize = _itemsize(SAFETENSORS_DTYPES[dtype])
         if offsets[1] - offsets[0] != numel * itemsize:
             raise ValueError(f"{where} has {offsets[1] - offsets[0]} bytes, but shape {shape} in {dtype} needs "
                              f"{numel * itemsize}")
