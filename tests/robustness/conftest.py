@@ -40,7 +40,7 @@ def names(tiny_models) -> dict[str, str]:
 
     supir_files = files["supir"]
     sdxl = next(p for p in supir_files if "supir" not in p.name.lower())
-    supir = next(p for p in supir_files if p != sdxl)
+    supir = next(p for p in supir_files if "supir" in p.name.lower())
     llava_dirs = sorted({p.parent for p in files["llava"] if p.name == "config.json"})
     llava = next((d for d in llava_dirs if "next" not in d.name), llava_dirs[0])
     return {"sdxl": rel(sdxl, "checkpoints"), "supir": rel(supir, "checkpoints"),

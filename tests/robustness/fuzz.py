@@ -40,13 +40,6 @@ FIXED_ELSEWHERE: dict[str, str] = {
     "Restore-seed-max": "engine", "Restore-seed-max-batch2": "engine",
     "Sampler-sampler-unknown": "engine", "Restore-preset-unknown": "engine",
     "LlavaCaption-tiles-batch0": "engine",
-    # CodeFormer (helper "faces"): empty batch, face_index parsing
-    "CodeFormerRestore-batch0": "faces",
-    "CodeFormerRestore-face_index-open-range": "faces", "CodeFormerRestore-face_index-huge-range": "faces",
-    "CodeFormerRestore-face_index-long-range": "faces", "CodeFormerRestore-face_index-300KB": "faces",
-    "CodeFormerRestore-face_index-nul": "faces",
-    # in nobody's brief yet (reported to the lead): NaN pixels through CodeFormer
-    "CodeFormerRestore-nan": "none yet",
 }
 
 
