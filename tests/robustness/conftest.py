@@ -56,6 +56,7 @@ def loader_inputs(names) -> dict[str, dict]:
         "SupirLoader": {"sdxl_checkpoint": names["sdxl"], "supir_checkpoint": names["supir"],
                         "weight_dtype": "fp32", "vae_dtype": "fp32"},
         "LoadCodeFormer": {"model_name": names["codeformer"], "dtype": "fp32"},
+        "LoadFaceModel": {"model_name": names["codeformer"], "dtype": "fp32"},
         "LoadFaceDetector": {"detector": "mobilenet0.25", "parser": "parsenet"},
         "LoadLlava": {"model": names["llava"], "dtype": "fp32", "quantization": "none"},
     }
@@ -72,6 +73,7 @@ def _loaded(fixture_name: str, short: str):
 
 supir_fixture = _loaded("supir", "SupirLoader")
 codeformer_fixture = _loaded("codeformer", "LoadCodeFormer")
+face_model_fixture = _loaded("face_model", "LoadFaceModel")
 face_detector_fixture = _loaded("face_detector", "LoadFaceDetector")
 llava_fixture = _loaded("llava", "LoadLlava")
 

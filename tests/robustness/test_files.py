@@ -113,6 +113,13 @@ def test_load_codeformer(models_dir, good, damage):
     outcome(lambda: call(node("LoadCodeFormer"), inputs), inputs, [path.name])
 
 
+@pytest.mark.parametrize("damage", [case(f"LoadFaceModel-{d}", d) for d in DAMAGE])
+def test_load_face_model(models_dir, good, damage):
+    path = _write_damaged(damage, good["codeformer"], models_dir / "facerestore_models", f"fm-{damage}")
+    inputs = {"model_name": path.name, "dtype": "fp32"}
+    outcome(lambda: call(node("LoadFaceModel"), inputs), inputs, [path.name])
+
+
 @pytest.mark.parametrize("role", ["detector", "parser"])
 @pytest.mark.parametrize("damage", [case(f"LoadFaceDetector-{d}", d) for d in DAMAGE])
 def test_load_face_detector(tmp_path, good, damage, role):

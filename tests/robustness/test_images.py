@@ -131,12 +131,13 @@ def test_sampler(supir, conditioning, control_latent, name):
 FULL_FACE_CASES = {"rgb", "rgba", "gray", "batch3", "nan", "out-of-range"} if FULL else set()
 
 
-@pytest.mark.parametrize("name", [case(f"CodeFormerRestore-{n}", n) for n in IMAGES])
-def test_codeformer(codeformer, face_detector, name):
+@pytest.mark.parametrize("short, name", [case(f"{short}-{n}", short, n)
+                                         for short in ("CodeFormerRestore", "FaceRestore") for n in IMAGES])
+def test_face_restore(codeformer, face_model, face_detector, short, name):
     image = IMAGES[name]()
     b, h, w, c = image.shape
-    inputs = {**widget_defaults(node("CodeFormerRestore")), "image": image, "codeformer": codeformer,
-              "face_detector": face_detector, "upscale": 2}
+    model = {"codeformer": codeformer} if short == "CodeFormerRestore" else {"face_model": face_model}
+    inputs = {**widget_defaults(node(short)), "image": image, **model, "face_detector": face_detector, "upscale": 2}
     if name not in FULL_FACE_CASES:
         inputs["min_face_size"] = 8192  # detect, then skip every face: everything but the face network runs
 
@@ -145,7 +146,7 @@ def test_codeformer(codeformer, face_detector, name):
         expect_images(b, 2 * h, 2 * w, channels=(3, c))(out)
         assert mask.shape == (b, 2 * h, 2 * w) and isinstance(info, str)
 
-    outcome(lambda: call(node("CodeFormerRestore"), inputs), inputs, IMAGE_WORDS, expect)
+    outcome(lambda: call(node(short), inputs), inputs, IMAGE_WORDS, expect)
 
 
 # ---- LLaVA ----------------------------------------------------------------------------------------------

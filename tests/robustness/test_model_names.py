@@ -109,6 +109,7 @@ def _loader_cases():
         "LoadSupir-sdxl": ("SupirLoader", "sdxl_checkpoint"),
         "LoadSupir-supir": ("SupirLoader", "supir_checkpoint"),
         "LoadCodeFormer": ("LoadCodeFormer", "model_name"),
+        "LoadFaceModel": ("LoadFaceModel", "model_name"),
         "LoadLlava": ("LoadLlava", "model"),
     }
     for label, (short, widget) in nodes.items():

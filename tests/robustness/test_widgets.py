@@ -130,7 +130,8 @@ def test_combinations(fx, short, overrides):
 
 
 FACE_INDEX = {"abc": "abc", "open-range": "1-", "huge-range": "0-99999999999", "long-range": "0-2000000",
-              "negative": "-1", "spaces": " 0 , 1 ", "all": "all", "reversed-range": "3-1", "300KB-list": "0," * 150_000}
+              "negative": "-1", "spaces": " 0 , 1 ", "all": "all", "reversed-range": "3-1",
+              "300KB-list": "0," * 150_000}
 
 
 @pytest.mark.parametrize("value", [case(f"CodeFormerRestore-face_index-{k}", v) for k, v in FACE_INDEX.items()])
@@ -143,7 +144,8 @@ def test_face_index_text(fx, value):
 
 def _loader_choice_cases():
     for short, widgets in {"SupirLoader": ("weight_dtype", "vae_dtype"), "LoadCodeFormer": ("dtype",),
-                           "LoadFaceDetector": ("parser",), "LoadLlava": ("dtype", "quantization")}.items():
+                           "LoadFaceModel": ("dtype",), "LoadFaceDetector": ("parser",),
+                           "LoadLlava": ("dtype", "quantization")}.items():
         specs = input_specs(node(short))
         for widget in widgets:
             for choice in [*specs[widget][0], UNKNOWN]:
