@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -126,10 +127,51 @@ def list_dirs(key: str) -> list[str]:
     return sorted(names)
 
 
+def model_name(key: str, name: str) -> str:
+    """A user-given model name, normalised to a path relative to the ``key`` folder.
+
+    Sub-folders are fine (``SUPIR/SUPIR-v0Q.ckpt``, either slash); an empty name, an absolute path, a
+    drive letter or ``..`` leading out of the folder raise a ValueError naming the input. Symlinks that
+    users place inside the folder are followed, as ComfyUI does.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"No model chosen for the '{key}' model folder (got {name!r}); pick a file from the list.")
+    if "\x00" in name or len(name) > 4096:
+        raise ValueError(f"Model name {name[:200]!r} for the '{key}' folder is not a valid file name.")
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or os.path.isabs(name):
+        raise ValueError(f"Model name '{name}' is an absolute path; choose a file inside the '{key}' model folder "
+                         f"({', '.join(folder_paths_for(key))}) by its name there.")
+    parts: list[str] = []
+    for part in name.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise ValueError(f"Model name '{name}' leads out of the '{key}' model folder ('..'); choose a "
+                                 f"file inside it ({', '.join(folder_paths_for(key))}).")
+            parts.pop()
+            continue
+        parts.append(part)
+    if not parts:
+        raise ValueError(f"Model name '{name}' names the '{key}' folder itself, not a model in it.")
+    return "/".join(parts)
+
+
 def full_path(key: str, name: str) -> str:
-    """Absolute path of ``name`` in folder key ``key``; a clear FileNotFoundError otherwise."""
+    """Absolute path of the file or folder ``name`` inside folder key ``key`` (never outside it, see
+    :func:`model_name`); a clear FileNotFoundError when it is not there."""
+    rel = model_name(key, name)
+    if comfy_present():
+        import folder_paths
+
+        try:
+            found = folder_paths.get_full_path(key, rel)  # files; LLaVA folders are found below
+        except KeyError:
+            found = None
+        if found:
+            return found
     for root in folder_paths_for(key):
-        candidate = os.path.join(root, name)
+        candidate = os.path.join(root, *rel.split("/"))
         if os.path.exists(candidate):
             return candidate
     raise FileNotFoundError(

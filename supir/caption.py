@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from PIL import Image
 
 from .callbacks import notify
 
+from ..weightfile import unpickling_reason, read_safetensors_header
 
 DEFAULT_QUESTION = "Describe this image and its style in a very detailed manner."
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -150,13 +152,43 @@ def _quantization_config(quantization: str, dtype: torch.dtype, device: torch.de
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
+WEIGHT_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_weight_files(folder: Path) -> bool:
+    """Validate every ``*.safetensors`` header of a model folder with the pack's reader (ValueError naming
+    the file); True when the folder has safetensors weights (then only those are loaded)."""
+    tensors = sorted(folder.glob("*.safetensors"))
+    for path in tensors:
+        read_safetensors_header(path)
+    if not tensors and not any(p.suffix.lower() in WEIGHT_PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise ValueError(f"LLaVA folder '{folder}' has no weight files (model*.safetensors or pytorch_model*.bin); "
+                         f"it must be a complete Hugging Face-format folder, e.g. {EXAMPLE_FOLDER}.")
+    return bool(tensors)
+
+
+def _load_error(folder: Path, family: str, exc: BaseException) -> ValueError:
+    """A ValueError naming the folder, without transformers' or torch's advice to trust remote/pickled code."""
+    if isinstance(exc, pickle.UnpicklingError):
+        bins = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in WEIGHT_PICKLE_SUFFIXES)
+        reason = unpickling_reason(exc)
+        return ValueError(f"Could not load the LLaVA folder '{folder}' ({family}): its pickle weight file(s) "
+                          f"{bins} cannot be read: {reason}.")
+    text = str(exc).split("\n")[0][:500]
+    if "weights_only" in text or "trust_remote_code" in text:
+        text = type(exc).__name__
+    return ValueError(f"Could not load the LLaVA folder '{folder}' ({family}): {type(exc).__name__}: {text}")
+
+
 def load_llava(folder: str | Path, dtype: torch.dtype = torch.float16, quantization: str = "none",
                device: torch.device | str = "cpu") -> Llava:
     """Load a Hugging Face-format LLaVA (1.5 or NeXT) folder offline, in ``dtype``, onto ``device``.
 
     Unquantized weights load straight into ``dtype`` on ``device`` (normally the offload device; the
     host moves them to the GPU when captioning). 8-bit/4-bit need bitsandbytes and load onto the
-    CUDA ``device`` directly, where they stay.
+    CUDA ``device`` directly, where they stay. Nothing is downloaded and no code from the folder runs
+    (``local_files_only``, ``trust_remote_code=False``, safetensors preferred, pickles weights-only);
+    safetensors headers are validated first, and every failure is a ValueError naming the folder.
     """
     import transformers
 
@@ -165,14 +197,23 @@ def load_llava(folder: str | Path, dtype: torch.dtype = torch.float16, quantizat
     device = torch.device(device)
     quant = _quantization_config(quantization, dtype, device)
     model_cls = getattr(transformers, FAMILIES[family])
-    kwargs: dict[str, Any] = {"local_files_only": True, _dtype_kwarg(): dtype}
+    offline = {"local_files_only": True, "trust_remote_code": False}
+    kwargs: dict[str, Any] = {**offline, "use_safetensors": check_weight_files(folder), _dtype_kwarg(): dtype}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
     try:
-        processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+        processor = transformers.AutoProcessor.from_pretrained(folder, **offline)
         model = model_cls.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"Could not load the LLaVA folder '{folder}' ({family}): {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        raise _load_error(folder, family, exc) from None
+    except RuntimeError as exc:  # safetensors' SafetensorError, torch's zip reader; out-of-memory passes through
+        if "out of memory" in str(exc).lower():
+            raise
+        raise _load_error(folder, family, exc) from None
+    except Exception as exc:  # noqa: BLE001 - e.g. safetensors_rust.SafetensorError (an Exception subclass)
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise _load_error(folder, family, exc) from None
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise ValueError(f"'{folder}' has no complete LLaVA processor (tokenizer + image processor files).")
     model.eval().requires_grad_(False)

@@ -8,9 +8,7 @@ target dtype and placed one at a time, so the peak memory is the final weights p
 """
 from __future__ import annotations
 
-import json
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterable, Mapping
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..weightfile import DictSource, TensorSource, open_weights, read_weights
 from . import ops
 from .control import ADAPTER_CONFIG, SupirDiffusion, adapter_layout
 from .denoiser import SupirDenoiser
@@ -28,143 +27,16 @@ IGNORED_KEYS = re.compile(r"(^|\.)(mask_LQ|denoiser\.sigmas|model_ema\.)")
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 SUPIR_PREFIXES = ("model.", "")
 
-# ---- reading tensors ----------------------------------------------------------------------------
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-if hasattr(torch, "float8_e4m3fn"):
-    _ST_DTYPES.update({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2})
-
-
-class TensorSource:
-    """Read-only access to the tensors of one file or dict, one tensor at a time."""
-
-    name: str
-
-    def keys(self) -> list[str]:
-        raise NotImplementedError
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def get(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: self.shape(k) for k in self.keys()}
-
-    def close(self) -> None:
-        pass
-
-
-class DictSource(TensorSource):
-    def __init__(self, sd: Mapping[str, Any], name: str = "state dict"):
-        self.sd, self.name = sd, name
-
-    def keys(self) -> list[str]:
-        return [k for k, v in self.sd.items() if isinstance(v, torch.Tensor)]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.sd[key].shape)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.sd[key]
-
-
-class SafetensorsSource(TensorSource):
-    """A ``.safetensors`` file read tensor by tensor with plain file reads (no mmap, no full copy)."""
-
-    def __init__(self, path: Path):
-        self.path, self.name = path, str(path)
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"{path}: not a safetensors file or truncated (header of {n} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{path}: corrupt safetensors header ({exc})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.entries = header
-        self.base = 8 + n
-        ends = [e["data_offsets"][1] for e in header.values()]
-        if ends and self.base + max(ends) > size:
-            cut = sorted(k for k, e in header.items() if self.base + e["data_offsets"][1] > size)
-            raise ValueError(f"{path}: file is truncated ({size} bytes, the header needs {self.base + max(ends)}); "
-                             f"{len(cut)} tensors are incomplete, e.g. {cut[:5]}")
-        self._file = open(path, "rb")
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
-
-    def get(self, key: str) -> torch.Tensor:
-        e = self.entries[key]
-        dtype = _ST_DTYPES.get(e["dtype"])
-        if dtype is None:
-            raise ValueError(f"{self.path}: tensor {key} has unsupported dtype {e['dtype']}")
-        start, end = e["data_offsets"]
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        self._file.seek(self.base + start)
-        if end > start:
-            got = self._file.readinto(memoryview(buf.numpy()))
-            if got != end - start:
-                raise ValueError(f"{self.path}: tensor {key} is truncated")
-        return buf.view(dtype).reshape(e["shape"])
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _unwrap(obj: Any, path: Path) -> dict:
-    for _ in range(2):
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return dict(obj)
-
+# ---- reading tensors: the pack's one weight-file reader (../weightfile.py) --------------------------
 
 def open_source(src: str | Path | Mapping | TensorSource, what: str = "checkpoint") -> TensorSource:
-    """A :class:`TensorSource` for a path (``.safetensors``, ``.ckpt``/``.pth``/``.pt``) or a state dict."""
-    if isinstance(src, TensorSource):
-        return src
-    if isinstance(src, Mapping):
-        return DictSource(_unwrap(src, Path(what)), what)
-    path = Path(src)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    if path.suffix.lower() == ".safetensors":
-        return SafetensorsSource(path)
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # legacy (non-zip) pickles cannot be memory-mapped
-            if "mmap" not in str(exc) and "zip" not in str(exc):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise ValueError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); "
-                         "is the file complete and a PyTorch/safetensors checkpoint?") from None
-    return DictSource(_unwrap(obj, path), str(path))
+    """A :class:`TensorSource` for a path (safetensors read tensor by tensor, pickles weights-only) or a state dict."""
+    return open_weights(src, what)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint file (safetensors or ``torch.load(weights_only=True)``)."""
-    src = open_source(path)
-    try:
-        return {k: src.get(k) for k in src.keys()}
-    finally:
-        src.close()
+    return read_weights(path)[0]
 
 
 # ---- detecting the configuration ----------------------------------------------------------------
