@@ -28,19 +28,7 @@ UNSAFE_ADVICE = ("weights_only=False", "weights_only` set to `False", "trust_rem
 # ---- cases fixed on other branches ----------------------------------------------------------------
 # case id -> branch. The lead removes an entry once that branch is merged (strict=False: an entry whose case
 # already passes is reported as XPASS, not as a failure).
-FIXED_ELSEWHERE: dict[str, str] = {
-    # SUPIR engine (helper "engine"): 2-channel IMAGE, NaN/inf input, AdaIN on 1 pixel, seed overflow,
-    # unknown choices, empty batch for per-tile LLaVA captions
-    "FirstStage-2channel": "engine", "Encode-2channel": "engine", "ColorFix-2channel": "engine",
-    "FirstStage-nan": "engine", "Encode-nan": "engine", "Tiles-nan": "engine",
-    "ColorFix-nan": "engine", "ColorFix-posinf": "engine", "ColorFix-neginf": "engine",
-    "ColorFix-AdaIN-nan": "engine", "ColorFix-AdaIN-1x1": "engine",
-    "Restore-nan": "engine", "Restore-posinf": "engine", "Restore-neginf": "engine",
-    "Decode-latent-nan": "engine", "Sampler-latent-nan": "engine",
-    "Restore-seed-max": "engine", "Restore-seed-max-batch2": "engine",
-    "Sampler-sampler-unknown": "engine", "Restore-preset-unknown": "engine",
-    "LlavaCaption-tiles-batch0": "engine",
-}
+FIXED_ELSEWHERE: dict[str, str] = {}
 
 
 def case(case_id: str, *values: Any, marks: Sequence[Any] = ()) -> Any:
