@@ -205,3 +205,37 @@ def partial_load_safe(model: nn.Module) -> bool:
 def cast_layer_count(model: nn.Module) -> int:
     """How many layers currently cast per call (``comfy_cast_weights`` set by a memory manager)."""
     return sum(1 for m in model.modules() if isinstance(m, CastWeightBiasOp) and m.comfy_cast_weights)
+
+
+def load_partially(model: nn.Module, device: torch.device | str, budget_bytes: int) -> dict:
+    """A plain-torch partial load (what ComfyUI's lowvram mode does, for use without ComfyUI): move the
+    largest casting layers to ``device`` while their weights fit in ``budget_bytes``; every other casting
+    layer keeps its weights where they are (CPU, pinned when possible) with ``comfy_cast_weights`` set,
+    so each call casts them to the device. Parameters outside casting layers and buffers always move.
+    Returns ``{"loaded": bytes, "streamed": bytes, "cast_layers": n}``."""
+    device = torch.device(device)
+    layers = [m for m in model.modules() if isinstance(m, CastWeightBiasOp)]
+    size = {id(m): sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in layers}
+    used = streamed = 0
+    cast = 0
+    for m in sorted(layers, key=lambda m: -size[id(m)]):
+        if used + size[id(m)] <= budget_bytes:
+            m.to(device)
+            used += size[id(m)]
+            m.comfy_cast_weights = False
+        else:
+            if device.type == "cuda":
+                for name, p in list(m.named_parameters(recurse=False)):
+                    if p.device.type == "cpu" and not p.is_pinned():
+                        m._parameters[name] = nn.Parameter(p.data.pin_memory(), requires_grad=False)
+            m.comfy_cast_weights = True
+            streamed += size[id(m)]
+            cast += 1
+    for m in model.modules():
+        if not isinstance(m, CastWeightBiasOp):
+            for name, p in list(m.named_parameters(recurse=False)):
+                m._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=False)
+                used += p.numel() * p.element_size()
+            for name, b in list(m.named_buffers(recurse=False)):
+                m._buffers[name] = b.to(device)
+    return {"loaded": used, "streamed": streamed, "cast_layers": cast}

@@ -107,3 +107,14 @@ def test_memory_estimates_grow_with_image_and_tile_size(dtype):
     assert v(2048, 2048, dtype, tile_size=256) < v(2048, 2048, dtype, tile_size=512) < v(2048, 2048, dtype)
     # the scale of ComfyUI's own figures: SDXL at 1024 px with CFG needs well under 4 GiB, over 256 MiB
     assert 256 * 2**20 < s(1024, 1024, torch.float16) < 4 * 2**30
+
+
+def test_plain_partial_load_streams_what_does_not_fit():
+    torch.manual_seed(0)
+    net = ops.make_castable(nn.Sequential(nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 8), nn.LayerNorm(8)))
+    x = torch.randn(3, 64)
+    ref = net(x)
+    info = ops.load_partially(net, "cpu", budget_bytes=4000)  # only the small layers fit
+    assert info["cast_layers"] == 1 and info["streamed"] == (64 * 64 + 64) * 4
+    assert ops.cast_layer_count(net) == 1 and net[0].comfy_cast_weights
+    assert torch.equal(net(x), ref)
