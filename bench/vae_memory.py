@@ -33,7 +33,7 @@ def _status(field: str) -> int:
     return 0
 
 
-def child(size: int, mode: str, enc_tile: int, dec_tile: int, seed: int = 0) -> dict:
+def child(size: int, mode: str, enc_tile: int, dec_tile: int, ch: int = 32, seed: int = 0) -> dict:
     import gc
 
     import torch
@@ -45,7 +45,7 @@ def child(size: int, mode: str, enc_tile: int, dec_tile: int, seed: int = 0) -> 
     from photo_restoration.testing.tiny_supir_parts import tiny_vae_state_dict
 
     torch.set_num_threads(1)
-    sd = {k[len("first_stage_model."):]: v for k, v in tiny_vae_state_dict(seed).items()}
+    sd = {k[len("first_stage_model."):]: v for k, v in tiny_vae_state_dict(seed, ch=ch).items()}
     vae = build_vae(sd)
     del sd
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
@@ -68,9 +68,11 @@ def child(size: int, mode: str, enc_tile: int, dec_tile: int, seed: int = 0) -> 
             "out": list(y.shape)}
 
 
-def run_case(size: int, mode: str, enc_tile: int = 512, dec_tile: int = 64, timeout: float = 3600) -> dict:
+def run_case(size: int, mode: str, enc_tile: int = 512, dec_tile: int = 64, ch: int = 32,
+             timeout: float = 3600) -> dict:
+    """One measurement in a fresh process: ``{"size", "mode", "seconds", "rss_growth_mib", "out"}``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__, CHILD, str(size), mode, str(enc_tile), str(dec_tile)],
+    proc = subprocess.run([sys.executable, __file__, CHILD, str(size), mode, str(enc_tile), str(dec_tile), str(ch)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{size} {mode}: {proc.stderr[-2000:]}")
@@ -80,21 +82,22 @@ def run_case(size: int, mode: str, enc_tile: int = 512, dec_tile: int = 64, time
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == CHILD:
-        size, mode, enc, dec = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
-        print(json.dumps(child(size, mode, enc, dec)))
+        size, mode, enc, dec, ch = int(argv[1]), argv[2], int(argv[3]), int(argv[4]), int(argv[5])
+        print(json.dumps(child(size, mode, enc, dec, ch)))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--modes", nargs="+", default=["untiled", "exact", "official"])
     p.add_argument("--encoder-tile", type=int, default=512)
     p.add_argument("--decoder-tile", type=int, default=64)
+    p.add_argument("--channels", type=int, default=32, help="VAE base width (tiny default 32; SDXL 128)")
     args = p.parse_args(argv)
     print("| size | mode | seconds | peak RSS growth (MiB) | vs untiled |")
     print("| --- | --- | --- | --- | --- |")
     for size in args.sizes:
         untiled = None
         for mode in args.modes:
-            r = run_case(size, mode, args.encoder_tile, args.decoder_tile)
+            r = run_case(size, mode, args.encoder_tile, args.decoder_tile, args.channels)
             if mode == "untiled":
                 untiled = r["rss_growth_mib"]
             ratio = f"{r['rss_growth_mib'] / untiled:.2f}x" if untiled else "-"
