@@ -144,7 +144,10 @@ class Suite:
         tiled = "tiled" in parts
         steps = self.large_steps if parts[0] == "2048" else self.steps
         st, ss, vt_enc, vt_dec = self.tile
-        vae_tiling = VAETiling(encoder_tile_size=vt_enc, decoder_tile_size=vt_dec) if (tiled or budget_gb) else None
+        # whole intermediate maps of the tiled VAE wait in host RAM under a budget, else on the device
+        staging = "cpu" if budget_gb else self.device
+        vae_tiling = (VAETiling(encoder_tile_size=vt_enc, decoder_tile_size=vt_dec, staging=staging)
+                      if (tiled or budget_gb) else None)
         _reset(self.device)
         t0 = time.perf_counter()
         model = self.supir(dtype, torch.device("cpu") if budget_gb else self.device)

@@ -44,6 +44,7 @@ from .vae import GN_GROUPS, AttnBlock, Decoder, Encoder, ResnetBlock
 
 ENCODER_PAD = 32
 DECODER_PAD = 11
+ATTN_SCORE_BYTES = 64 * 2 ** 20  # exact mode: bound on one chunk of attention scores
 
 
 # ---- the program ---------------------------------------------------------------------------------
@@ -302,10 +303,11 @@ def _norm_fn(gn: nn.GroupNorm, stats: _Stats, device) -> Callable[[torch.Tensor]
     mean = mean.to(device, torch.float32)
     rstd = torch.rsqrt(var + gn.eps).to(device, torch.float32)
 
-    def apply(t: torch.Tensor) -> torch.Tensor:
+    def apply(t: torch.Tensor) -> torch.Tensor:  # a new tensor (t is never modified); in place after that
         b, c = t.shape[:2]
-        y = (t.float().reshape(b, GN_GROUPS, -1) - mean[..., None]) * rstd[..., None]
-        y = y.reshape(t.shape) * gn.weight.float().reshape(1, c, 1, 1) + gn.bias.float().reshape(1, c, 1, 1)
+        y = t.float().reshape(b, GN_GROUPS, -1) - mean[..., None]
+        y = y.mul_(rstd[..., None]).reshape(t.shape)
+        y = y.mul_(gn.weight.float().reshape(1, c, 1, 1)).add_(gn.bias.float().reshape(1, c, 1, 1))
         return y.to(t.dtype)
 
     return apply
@@ -419,13 +421,13 @@ class _ExactRunner:
         for k, op in enumerate(ops):
             if op.kind == "norm":
                 t = norms[k](t)
-            elif op.kind == "silu":
-                t = F.silu(t)
+            elif op.kind == "silu":  # in place on the fresh output of the norm before it
+                t = F.silu(t, inplace=k > 0 and ops[k - 1].kind == "norm")
             elif op.kind == "store":
                 saved.append((t if op.module is None else op.module(t), have))
             elif op.kind == "add":
                 r, r_box = saved.pop()
-                t = t + _cut(r, r_box, have)
+                t = t.add_(_cut(r, r_box, have))  # t: the fresh output of the convolution before
             else:  # conv / down / up
                 t = _cut(t, have, plan[k])
                 have = plan[k]
@@ -490,7 +492,12 @@ class _ExactRunner:
             for f in pre:
                 t = f(t)
             q = AttnBlock.tokens(attn.q(t))
-            o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(t.shape)
+            # query rows in chunks: exact (softmax is per row) and the score matrix stays bounded even
+            # where attention falls back to materialising it (the keys span the whole map)
+            rows = max(ATTN_SCORE_BYTES // (k.shape[2] * k.element_size() * 2), 1)
+            o = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v)
+                           for i in range(0, q.shape[2], rows)], 2)
+            o = o.squeeze(1).transpose(1, 2).reshape(t.shape)
             o = attn.proj_out(o)
             if res is not None:
                 r_map, r_fn = res

@@ -118,3 +118,12 @@ def test_plain_partial_load_streams_what_does_not_fit():
     assert info["cast_layers"] == 1 and info["streamed"] == (64 * 64 + 64) * 4
     assert ops.cast_layer_count(net) == 1 and net[0].comfy_cast_weights
     assert torch.equal(net(x), ref)
+
+
+def test_manage_outside_comfyui_marks_castable_networks_partial_loadable():
+    from photo_restoration.nodes import comfy
+
+    castable = comfy.manage(ops.make_castable(nn.Sequential(nn.Linear(2, 2))))
+    plain = comfy.manage(nn.Sequential(nn.Linear(2, 2)))
+    assert castable.partial_load and not plain.partial_load and castable.patcher is None
+    assert comfy.load(castable) is castable.model
