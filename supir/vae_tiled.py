@@ -483,7 +483,7 @@ class _ExactRunner:
             keys.append(AttnBlock.tokens(attn.k(t)))
             values.append(AttnBlock.tokens(attn.v(t)))
             self.cb.tick()
-        k, v = torch.cat(keys, 2), torch.cat(values, 2)
+        k, v = torch.cat(keys, 2).contiguous(), torch.cat(values, 2).contiguous()
         del keys, values
         out = torch.empty_like(x, device=self.staging)
         stats = _Stats()
@@ -491,7 +491,7 @@ class _ExactRunner:
             t = x[:, :, y0:y1, x0:x1].to(self.device)
             for f in pre:
                 t = f(t)
-            q = AttnBlock.tokens(attn.q(t))
+            q = AttnBlock.tokens(attn.q(t)).contiguous()  # last-dim stride 1: the fused (flash) kernel
             # query rows in chunks: exact (softmax is per row) and the score matrix stays bounded even
             # where attention falls back to materialising it (the keys span the whole map)
             rows = max(ATTN_SCORE_BYTES // (k.shape[2] * k.element_size() * 2), 1)
