@@ -426,22 +426,46 @@ def state_dicts_from_comfy(model: Any, clip: Any = None, vae: Any = None) -> dic
 
     Keys as in an SDXL checkpoint file: ``model.diffusion_model.*``, ``first_stage_model.*``,
     ``conditioner.embedders.0.transformer.*`` (CLIP-L), ``conditioner.embedders.1.model.*`` (bigG).
-    The models are loaded with their patches baked in first (LoRAs, merges), exactly as ComfyUI's
-    checkpoint saving does. Tensors may live on the compute device; the caller copies what it needs.
+    Patches (LoRAs, merges) are baked in exactly as ComfyUI's own checkpoint saving does on the running
+    version: ComfyUI >= 0.33 builds the patched UNet dict in ``ModelPatcher.state_dict_for_saving``
+    (also for the dynamic-VRAM patcher; weights come back lazily patched and are materialised here);
+    older versions patch the loaded weights (``force_patch_weights``) and read ``BaseModel``'s dict.
+    Tensors may live on the compute device; the caller copies what it needs.
     """
-    clip_sd = vae_sd = None
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "state_dict_for_saving"):
+        raise ValueError("Load SUPIR (from MODEL/CLIP/VAE) needs a ComfyUI MODEL (e.g. from Load Checkpoint); "
+                         f"got {type(model).__name__}.")
+    patcher_saves = hasattr(model, "state_dict_for_saving")  # ComfyUI >= 0.33
     patchers = [model]
+    clip_sd = vae_sd = None
     if clip is not None:
         patchers.append(clip.load_model())
-        clip_sd = clip.get_sd()
     if vae is not None:
         vae_sd = vae.get_sd()
     if comfy_present():
         import comfy.model_management as mm
 
-        mm.load_models_gpu(patchers, force_patch_weights=True)
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "state_dict_for_saving"):
-        raise ValueError("Load SUPIR (from MODEL/CLIP/VAE) needs a ComfyUI MODEL (e.g. from Load Checkpoint); "
-                         f"got {type(model).__name__}.")
-    return dict(inner.state_dict_for_saving(clip_sd, vae_sd, None))
+        if patcher_saves:
+            mm.load_models_gpu(patchers)
+        else:
+            mm.load_models_gpu(patchers, force_patch_weights=True)
+    if clip is not None:
+        clip_sd = clip.state_dict_for_saving() if patcher_saves and hasattr(clip, "state_dict_for_saving") \
+            else clip.get_sd()
+        # materialised before ComfyUI converts the layout (bigG's q/k/v are concatenated there)
+        clip_sd = {k: _plain_tensor(v) for k, v in clip_sd.items()}
+    if patcher_saves:
+        sd = model.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+    else:
+        sd = inner.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+    return {k: _plain_tensor(v) for k, v in sd.items()}
+
+
+def _plain_tensor(v: Any) -> Any:
+    """A plain tensor for a state-dict value. ComfyUI 0.33's saving dicts hold lazily patched parameters
+    (``LazyCastingParam``: a Parameter subclass whose ``.to()`` computes the patched weight); their own
+    data is the *unpatched* weight, so they are materialised through ``.to`` before anything reads them."""
+    if isinstance(v, torch.nn.Parameter) and type(v) is not torch.nn.Parameter:
+        v = v.to("cpu")
+    return v.detach() if isinstance(v, torch.Tensor) else v

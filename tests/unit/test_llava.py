@@ -27,7 +27,7 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llava(models_dir):
-    return LoadLlava().load("llava-tiny", "auto", "none")[0]
+    return LoadLlava().load("llava-1.5-7b-hf", "auto", "none")[0]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def images(b=2, h=48, w=64, seed=0):
 
 
 def test_loader_lists_the_folders_and_wraps_the_model(llava):
-    assert {"llava-tiny", "llava-next-tiny"} <= set(LoadLlava.INPUT_TYPES()["required"]["model"][0])
+    assert {"llava-1.5-7b-hf", "llava-next-tiny"} <= set(LoadLlava.INPUT_TYPES()["required"]["model"][0])
     assert isinstance(llava.model, cap.Llava) and llava.model.family == "llava"
     assert llava.model.compute_dtype is torch.float32  # auto on the CPU
 
@@ -147,9 +147,9 @@ def test_captions_are_cleaned():
 
 def test_missing_folder_error_says_where_to_put_it(models_dir):
     with pytest.raises(FileNotFoundError) as err:
-        LoadLlava().load("llava-1.5-7b-hf", "auto", "none")
+        LoadLlava().load("llava-1.5-13b-hf", "auto", "none")
     message = str(err.value)
-    assert "llava-1.5-7b-hf" in message and "models/LLM/" in message and "llava-hf/llava-1.5-7b-hf" in message
+    assert "llava-1.5-13b-hf" in message and "models/LLM/" in message and "llava-hf/llava-1.5-7b-hf" in message
 
 
 def test_unsupported_folders_are_refused_clearly(tmp_path):
@@ -170,7 +170,7 @@ def test_quantization_without_bitsandbytes_is_a_clear_error(models_dir, monkeypa
     real = cap.importlib.util.find_spec
     monkeypatch.setattr(cap.importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
     with pytest.raises(RuntimeError, match="bitsandbytes"):
-        LoadLlava().load("llava-tiny", "fp16", "8bit")
+        LoadLlava().load("llava-1.5-7b-hf", "fp16", "8bit")
 
 
 class Cancel(Exception):
@@ -227,6 +227,6 @@ def test_memory_estimate_grows_with_the_group_and_the_caption_length(llava):
 def test_incomplete_folder_is_a_clear_error(models_dir, tmp_path):
     broken = tmp_path / "llava-broken"
     broken.mkdir()
-    (broken / "config.json").write_text((models_dir / "LLM" / "llava-tiny" / "config.json").read_text())
+    (broken / "config.json").write_text((models_dir / "LLM" / "llava-1.5-7b-hf" / "config.json").read_text())
     with pytest.raises(ValueError, match="llava-broken"):
         cap.load_llava(broken, torch.float32)

@@ -217,32 +217,59 @@ def test_swapped_checkpoints_are_a_clear_error(files):
 
 @needs_model
 def test_load_from_model_clip_vae_reads_comfyui_state_dicts(files, monkeypatch):
-    """The MODEL/CLIP/VAE loader asks ComfyUI for checkpoint-layout state dicts (patches baked in)."""
+    """The MODEL/CLIP/VAE loader asks ComfyUI for checkpoint-layout state dicts (patches baked in), by keyword:
+    ComfyUI < 0.33 through ``BaseModel.state_dict_for_saving(clip_state_dict=, vae_state_dict=)``, ComfyUI >= 0.33
+    through the patcher's own ``state_dict_for_saving``, whose lazily patched tensors are materialised."""
     from photo_restoration.supir.loader import read_state_dict
 
     sd = read_state_dict(comfy.full_path("checkpoints", files[0]))
+    clip_sd, vae_sd = {"clip.w": torch.ones(1)}, {"vae.w": torch.ones(1)}
+    calls = []
 
-    class FakeInner:
-        def state_dict_for_saving(self, clip_sd, vae_sd, vision_sd):
-            assert clip_sd == "clip-sd" and vae_sd == "vae-sd" and vision_sd is None
+    class Lazy(torch.nn.Parameter):  # like ComfyUI 0.33's LazyCastingParam: .to() gives the patched weight
+        def to(self, *args, **kwargs):
+            return torch.full_like(self.data, 7.0)
+
+    class OldInner:  # ComfyUI 0.8: BaseModel.state_dict_for_saving(clip_state_dict, vae_state_dict, ...)
+        def state_dict_for_saving(self, clip_state_dict=None, vae_state_dict=None, clip_vision_state_dict=None):
+            calls.append("old")
+            assert clip_state_dict == clip_sd and vae_state_dict is vae_sd and clip_vision_state_dict is None
             return dict(sd)
 
-    class FakeModel:
-        model = FakeInner()
+    class OldModel:
+        model = OldInner()
+
+    class NewModel:  # ComfyUI 0.33: the patcher builds the patched UNet dict itself
+        model = OldInner()
+
+        def state_dict_for_saving(self, clip_state_dict=None, vae_state_dict=None, clip_vision_state_dict=None):
+            calls.append("new")
+            assert clip_state_dict["clip.w"].item() == 7.0  # materialised before ComfyUI converts the layout
+            out = dict(sd)
+            k = next(k for k in out if k.startswith("model.diffusion_model."))
+            out[k] = Lazy(out[k].float(), requires_grad=False)
+            return out
 
     class FakeClip:
         def load_model(self):
             return "clip-patcher"
 
         def get_sd(self):
-            return "clip-sd"
+            return dict(clip_sd)
+
+        def state_dict_for_saving(self):
+            return {"clip.w": Lazy(torch.ones(1), requires_grad=False)}
 
     class FakeVae:
         def get_sd(self):
-            return "vae-sd"
+            return vae_sd
 
-    handle = N.LoadSupirFromModel().load(FakeModel(), FakeClip(), FakeVae(), files[1], "fp32", "fp32")[0]
+    handle = N.LoadSupirFromModel().load(OldModel(), FakeClip(), FakeVae(), files[1], "fp32", "fp32")[0]
     assert isinstance(handle, S.SupirHandle)
+    new = comfy.state_dicts_from_comfy(NewModel(), FakeClip(), FakeVae())
+    k = next(k for k in new if k.startswith("model.diffusion_model."))
+    assert type(new[k]) is torch.Tensor and bool((new[k] == 7.0).all())
+    assert calls == ["old", "new"]
     with pytest.raises(ValueError, match="ComfyUI MODEL"):
         comfy.state_dicts_from_comfy(object(), None, None)
 
@@ -556,7 +583,7 @@ def test_cli_restore_a_folder(models_dir, tmp_path):
                  "--tile-stride", "32"])
     assert code == 0
     code = main(["restore", str(src / "a.png"), "--out", str(tmp_path / "llava"), "--models", str(models_dir),
-                 "--steps", "1", "--min-short-side", "0", "--caption-llava", "llava-tiny", "--caption-tokens", "4",
+                 "--steps", "1", "--min-short-side", "0", "--caption-llava", "llava-1.5-7b-hf", "--caption-tokens", "4",
                  "--upscale", "1"])
     assert code == 0
     with Image.open(tmp_path / "llava" / "a.png") as im:
