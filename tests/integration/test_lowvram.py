@@ -51,7 +51,7 @@ PRELUDE = textwrap.dedent(
     import folder_paths
     import comfy.model_management as mm
     import comfy.model_patcher, comfy.ops
-    base, repo = sys.argv[1], sys.argv[2]
+    base, repo, sdxl, supir = sys.argv[1:5]
     spec = importlib.util.spec_from_file_location("pack_under_test", os.path.join(repo, "__init__.py"),
                                                   submodule_search_locations=[repo])
     pack = importlib.util.module_from_spec(spec); sys.modules["pack_under_test"] = pack
@@ -60,8 +60,6 @@ PRELUDE = textwrap.dedent(
     import pack_under_test.supir.loader as L
     import pack_under_test.supir.memory as M
     import pack_under_test.supir.ops as ops
-    ckpts = os.path.join(base, "models", "checkpoints")
-    sdxl, supir = os.path.join(ckpts, "tiny_sdxl.safetensors"), os.path.join(ckpts, "tiny_supir_v0.safetensors")
 
     class Part(torch.nn.Module):
         def __init__(self, m):
@@ -154,9 +152,10 @@ ESTIMATE_SCRIPT = PRELUDE + textwrap.dedent(
 def _run(script: str, tree: Path, tmp_path: Path) -> dict:
     from photo_restoration.testing.tiny_checkpoints import write_all
 
-    write_all(tmp_path / "models", only=["supir"])
+    sdxl, supir = write_all(tmp_path / "models", only=["supir"])["supir"]  # the tiny SDXL is fp16, as published
     proc = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", script, str(tmp_path),
-                           str(REPO_ROOT)], cwd=tree, capture_output=True, text=True, timeout=600)
+                           str(REPO_ROOT), str(sdxl), str(supir)], cwd=tree, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0 and "RESULT" in proc.stdout, (proc.stdout + proc.stderr)[-5000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1])
 
