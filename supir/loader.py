@@ -142,9 +142,10 @@ def detect_adapter_config(sd: Mapping[str, Any], unet_cfg: dict) -> dict:
 
 
 def build_diffusion(unet_cfg: dict, adapter_cfg: dict | None = None, device: str | torch.device = "meta") -> SupirDiffusion:
-    """SupirDiffusion for a config (on the meta device by default: no memory until loaded)."""
+    """SupirDiffusion for a config (on the meta device by default: no memory until loaded), built from
+    casting layers (:mod:`.ops`) so that a host memory manager may load it partially."""
     with torch.device(device):
-        return SupirDiffusion(unet_cfg, adapter_cfg)
+        return ops.make_castable(SupirDiffusion(unet_cfg, adapter_cfg))
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -217,7 +218,11 @@ def materialize(model: nn.Module, sources: list[tuple[str, TensorSource, str]], 
                 device: str | torch.device = "cpu", compute_dtype: torch.dtype | None = None) -> None:
     """Fill a meta-device ``model`` tensor by tensor. ``sources``: (model key prefix, source, source prefix);
     the first whose model prefix matches a parameter name supplies it. Raises ValueError naming the file
-    for missing keys or wrong shapes."""
+    for missing keys or wrong shapes.
+
+    Storage dtype: ``dtype``, except that 16-bit float tensors of the file are never up-cast to a wider
+    ``dtype`` (:func:`ops.storage_dtype`): the casting layers compute in ``compute_dtype`` per call, so
+    fp32 compute from the published fp16 SDXL gives the same numbers with half the weight memory."""
     compute_dtype = compute_dtype or ops.default_compute_dtype(dtype)
     missing: dict[str, list[str]] = {}
     for name, p in list(model.named_parameters()):
@@ -236,7 +241,7 @@ def materialize(model: nn.Module, sources: list[tuple[str, TensorSource, str]], 
             raise ValueError(f"{src.name}: {key} has shape {list(shape)}, the detected architecture needs "
                              f"{list(p.shape)}")
         t = src.get(key)
-        target = ops.storage_dtype_for(name, t.ndim, dtype, compute_dtype)
+        target = ops.storage_dtype_for(name, t.ndim, ops.storage_dtype(t.dtype, dtype), compute_dtype)
         if t.dtype != target or torch.device(device) != t.device or isinstance(src, DictSource):
             t = t.to(device=device, dtype=target, copy=True)
         _set_param(model, name, t)
@@ -379,6 +384,10 @@ def _load_vae_text(sdxl, supir, vae_dtype, dtype, device, with_vae, with_text, a
                     vae = build_vae(vsd, dtype=vae_dtype, device=device)
                 except ValueError as exc:
                     raise ValueError(f"{s_src.name} / {p_src.name}: {exc}") from None
+                ops.make_castable(vae)
+                # whole-or-nothing for a host memory manager: the tiled VAE reads GroupNorm affines and
+                # its device/dtype from the parameters directly (activations, not weights, dominate)
+                vae.partial_load = False
         if with_text:
             tsd = LazyStateDict([(s_src, "conditioner.embedders.", "")])
             proj = "1.model.text_projection"
@@ -390,6 +399,8 @@ def _load_vae_text(sdxl, supir, vae_dtype, dtype, device, with_vae, with_text, a
                     text = build_text_conditioner(tsd, dtype=compute, device=device, size_embed_dim=size_dim)
                 except ValueError as exc:
                     raise ValueError(f"{s_src.name}: {exc}") from None
+                if text is not None:
+                    ops.make_castable(text)  # raw parameters remain (bigG): hosts load it whole
     finally:
         s_src.close()
         p_src.close()
