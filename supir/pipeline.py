@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import memory
 from .callbacks import Callbacks, compute_device, is_oom, notify
 from .colorfix import color_fix
 from .samplers import NoiseSource, gaussian_noise, restore_dpmpp_2m_sde_sample, restore_edm_sample
@@ -201,16 +202,6 @@ def check_values(x: torch.Tensor, name: str) -> torch.Tensor:
 
 # ---- memory and errors ---------------------------------------------------------------------------------
 
-def vae_memory(pixels: int) -> int:
-    """Activation estimate (bytes) of an SDXL VAE pass over ``pixels`` image pixels."""
-    return int(pixels) * 400
-
-
-def diffusion_memory(lat_h: int, lat_w: int, tiled: bool) -> int:
-    """Activation estimate (bytes) of one guided UNet + control call on a latent of ``lat_h x lat_w``."""
-    return int(lat_h * lat_w) * 64 * 1024 * (1 if tiled else 2)
-
-
 def oom_error(exc: BaseException, what: str, h: int, w: int, tiled: bool) -> RuntimeError:
     """An out-of-memory error users can act on, with numbers. ``tiled``: whether the failing stage was tiled
     (tiled sampling for the sampler, the tiled VAE for VAE stages)."""
@@ -269,8 +260,17 @@ class _Part(Callbacks):
         notify(self.host, "load", part, memory_required)
 
 
-def _vae(model, callbacks: Any, pixels: int):
-    notify(callbacks, "load", "vae", vae_memory(pixels))
+def _param_dtype(module: Any) -> torch.dtype | None:
+    """The dtype a network computes in (its first parameter's), or None for stand-ins without parameters."""
+    params = getattr(module, "parameters", None)
+    return next((p.dtype for p in params()), None) if callable(params) else None
+
+
+def _vae(model, callbacks: Any, h: int, w: int, s: "RestoreSettings"):
+    """The VAE on the compute device, after telling the host what a pass at h x w pixels needs."""
+    dtype = _param_dtype(model.vae)
+    tile = s.encoder_tile_size if s.tiled_vae else None
+    notify(callbacks, "load", "vae", memory.vae_memory(h, w, dtype, tile_size=tile))
     return model.vae, compute_device(callbacks, model.vae)
 
 
@@ -292,7 +292,7 @@ def first_stage(images: torch.Tensor, model, s: RestoreSettings, callbacks: Any 
     zs, stage1 = [], []
     for i in range(b):
         notify(callbacks, "check_interrupt")
-        vae, device = _vae(model, callbacks, p.internal[0] * p.internal[1])
+        vae, device = _vae(model, callbacks, *p.internal, s)
         x = fit(images[i:i + 1].float(), p).clamp(0, 1).to(device) * 2 - 1
         with oom_advice("the first stage (VAE)", *p.internal, s.tiled_vae), torch.inference_mode():
             z = vae.encode_lq(x, tiling=vae_tiling(s), callbacks=_Part(callbacks, 2 * i, 2 * b))
@@ -313,7 +313,7 @@ def encode(images: torch.Tensor, model, s: RestoreSettings, callbacks: Any = Non
     zs = []
     for i in range(b):
         notify(callbacks, "check_interrupt")
-        vae, device = _vae(model, callbacks, p.internal[0] * p.internal[1])
+        vae, device = _vae(model, callbacks, *p.internal, s)
         x = fit(images[i:i + 1].float(), p).clamp(0, 1).to(device) * 2 - 1
         generator = torch.Generator().manual_seed(seed_of(s.seed, i))
         with oom_advice("encoding (VAE)", *p.internal, s.tiled_vae), torch.inference_mode():
@@ -341,7 +341,7 @@ def decode(latents: torch.Tensor, model, s: RestoreSettings, callbacks: Any = No
         z = latents[i:i + 1].float()
         if ph or pw:
             z = F.pad(z, (0, pw, 0, ph), mode="replicate")
-        vae, device = _vae(model, callbacks, z.shape[-1] * z.shape[-2] * 64)
+        vae, device = _vae(model, callbacks, z.shape[-2] * 8, z.shape[-1] * 8, s)
         with oom_advice("decoding (VAE)", z.shape[-2] * 8, z.shape[-1] * 8, s.tiled_vae), torch.inference_mode():
             x = vae.decode(z.to(device), tiling=vae_tiling(s), callbacks=_Part(callbacks, i, b))
         x = ((x.float().cpu() + 1) / 2).clamp(0, 1)[..., :work[0], :work[1]]
@@ -454,7 +454,10 @@ def sample(model, hint: torch.Tensor, cond, uncond: dict, s: RestoreSettings, ca
     noise = noise_source(hint, None, None)
     dpm_seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
     tiled = wants_tiles(s, hint.shape[-2] * LATENT_SCALE, hint.shape[-1] * LATENT_SCALE)
-    notify(callbacks, "load", "diffusion", diffusion_memory(hint.shape[-2], hint.shape[-1], tiled))
+    dtype = _param_dtype(getattr(model, "diffusion", None))
+    notify(callbacks, "load", "diffusion", memory.sampling_memory(
+        hint.shape[-2] * LATENT_SCALE, hint.shape[-1] * LATENT_SCALE, dtype, cfg=True,
+        tile_size=s.tile_size if tiled else None, tile_batch_size=s.tile_batch_size))
     device = compute_device(callbacks, getattr(model, "diffusion", None))
     with oom_advice("sampling", hint.shape[-2] * 8, hint.shape[-1] * 8, tiled), torch.inference_mode():
         z = _run_sampler(model.denoiser, noise.to(device), _to(cond, device), _to(uncond, device),
@@ -466,7 +469,7 @@ def sample(model, hint: torch.Tensor, cond, uncond: dict, s: RestoreSettings, ca
 def _x_center(model, hint: torch.Tensor, stage1: torch.Tensor | None, posterior_noise: torch.Tensor,
               s: RestoreSettings, callbacks: Any) -> torch.Tensor:
     """Official restoration-guidance target ``E(D(hint))``, a posterior sample with the given draw."""
-    vae, device = _vae(model, callbacks, hint.shape[-1] * hint.shape[-2] * 64)
+    vae, device = _vae(model, callbacks, hint.shape[-2] * 8, hint.shape[-1] * 8, s)
     quiet = _Part(callbacks, quiet=True)
     with oom_advice("the guidance target (VAE)", hint.shape[-2] * 8, hint.shape[-1] * 8, s.tiled_vae), \
             torch.inference_mode():
@@ -531,7 +534,7 @@ def restore_tensor(x: torch.Tensor, model, settings: RestoreSettings, cond=None,
     s = validate(settings)
     generator = torch.Generator().manual_seed(seed_of(s.seed, 0))
     quiet = _Part(callbacks, quiet=True)
-    vae, device = _vae(model, callbacks, x.shape[-1] * x.shape[-2])
+    vae, device = _vae(model, callbacks, x.shape[-2], x.shape[-1], s)
     tiling = vae_tiling(s)
     with oom_advice("the first stage (VAE)", x.shape[-2], x.shape[-1], s.tiled_vae), torch.no_grad():
         z_lq = vae.encode_lq(x.to(device), tiling=tiling, callbacks=quiet)
@@ -541,7 +544,7 @@ def restore_tensor(x: torch.Tensor, model, settings: RestoreSettings, cond=None,
         cond, uncond = encode_texts(model, texts, callbacks), encode_texts(model, [s.negative_prompt], callbacks)
     latent = sample(model, z_lq, cond, uncond, s, callbacks, stage1=x_stage1, noise_source=noise_source,
                     generator=generator)
-    vae, device = _vae(model, callbacks, x.shape[-1] * x.shape[-2])
+    vae, device = _vae(model, callbacks, x.shape[-2], x.shape[-1], s)
     with oom_advice("decoding (VAE)", x.shape[-2], x.shape[-1], s.tiled_vae), torch.no_grad():
         samples = vae.decode(latent.to(device), tiling=tiling, callbacks=quiet)
     return color_fix(samples, x_stage1.to(samples.device), s.color_fix)
