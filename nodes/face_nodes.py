@@ -73,6 +73,8 @@ class LoadFaceDetector:
 
     @staticmethod
     def _path(name: str, kind: str, files: dict, published: str) -> str:
+        if name not in files:
+            raise ValueError(f"Unknown {kind} '{name}'; choose one of {', '.join(files)}.")
         try:
             return comfy.full_path("facedetection", files[name])
         except FileNotFoundError:

@@ -9,7 +9,7 @@ from PIL import Image
 from photo_restoration.nodes import comfy as adapter
 from photo_restoration.nodes.caption_nodes import LlavaCaption, LoadLlava
 from photo_restoration.supir import caption as cap
-from photo_restoration.supir.tiles import pixel_windows
+from photo_restoration.supir.tiles import image_windows
 from photo_restoration.testing.tiny_llava import write_tiny_llava
 
 FAST = dict(question="Describe this image.", temperature=0.2, top_p=0.7, max_new_tokens=6, seed=7,
@@ -94,21 +94,22 @@ def test_the_input_image_is_not_modified(llava):
 
 
 def test_per_tile_mode_gives_one_caption_per_tile_in_sampler_order(llava):
-    x = images(2, h=48, w=64)
-    windows = pixel_windows(48, 64, 32, 16)
-    assert len(windows) == 6
-    captions, _ = run(llava, x, tile_size=32, tile_stride=16)
+    x = images(2, h=60, w=128)  # sampled at 64x128 (padded to 64 px): a 1 x 3 grid of 64 px tiles, stride 32
+    windows = image_windows(64, 128, 64, 32)
+    assert len(windows) == 3
+    captions, _ = run(llava, x, tile_size=64, tile_stride=32)
     assert len(captions) == 2 * len(windows)
-    pictures = x.movedim(-1, 1)
+    padded = torch.nn.functional.pad(x.movedim(-1, 1), (0, 0, 0, 4), mode="replicate")
     with torch.inference_mode():
-        expected = [cap.caption_one(llava.model, pictures[i, :, h0:h1, w0:w1], cap.CaptionSettings(
-            question=FAST["question"], max_new_tokens=6, seed=7)) for i in range(2) for h0, h1, w0, w1 in windows]
+        expected = [cap.caption_group(llava.model, [padded[i, :, h0:h1, w0:w1]], cap.CaptionSettings(
+            question=FAST["question"], max_new_tokens=6, seed=7))[0] for i in range(2) for h0, h1, w0, w1 in windows]
     assert captions == expected
 
 
-def test_pictures_smaller_than_a_latent_pixel_are_one_tile():
-    assert len(cap.tile_crops(torch.rand(3, 6, 40), 16, 8)) == 1
-    assert len(cap.tile_crops(torch.rand(3, 16, 40), 16, 8)) == len(pixel_windows(16, 40, 16, 8)) == 4
+def test_small_pictures_are_one_padded_tile_and_tiny_ones_a_clear_error():
+    assert cap.tile_pictures(torch.rand(1, 3, 16, 40), 64, 32).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="at least 16 px"):
+        cap.tile_pictures(torch.rand(1, 3, 6, 40), 64, 32)
 
 
 def test_pad_to_square_keeps_the_whole_picture():
@@ -133,9 +134,14 @@ def test_llava_next_folder_uses_its_chat_template(llava_next):
     assert len(captions) == 2 and captions == run(llava_next, x)[0]
 
 
-def test_llava_15_folder_without_chat_template_uses_the_official_conversation(llava):
-    assert cap.build_prompt(llava.model.processor, cap.DEFAULT_QUESTION) == \
-        "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"
+def test_llava_15_uses_the_official_vicuna_v1_conversation(llava):
+    """Official SUPIR LLavaAgent: conv_templates["vicuna_v1"] (llava/conversation.py, SeparatorStyle.TWO) with
+    one user turn "<image>\\n" + question and an open assistant turn -- system sentence, then USER: / ASSISTANT:."""
+    official = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                "helpful, detailed, and polite answers to the user's questions. USER: <image>\nDescribe this image "
+                "and its style in a very detailed manner. ASSISTANT:")
+    assert cap.build_prompt(llava.model.processor, cap.DEFAULT_QUESTION) == official
+    assert cap.build_prompt(llava.model.processor, cap.DEFAULT_QUESTION, family="llava") == official
     assert cap.build_prompt(None, "q", "Q: {question} A:") == "<image>\nQ: q A:"
     assert cap.build_prompt(None, "q", "USER: <image>\\n{question} ASSISTANT:") == "USER: <image>\nq ASSISTANT:"
 
