@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .conv import conv2d, upsample_conv3x3
 from .embeddings import timestep_embedding
 
 # The official SDXL base / SUPIR v0 UNet (options/SUPIR_v0.yaml network_config).
@@ -51,34 +52,6 @@ def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return ops.GroupNorm(32, channels, eps=eps)
 
 
-# Output pixels per image up to which a CPU convolution runs as im2col + one GEMM over the whole batch:
-# oneDNN's direct convolution reaches about half the GEMM rate on small maps (8x8 at 256 px, measured in
-# bench/side_by_side.md); from 16x16 on it is as fast or faster.
-GEMM_CONV_MAX_PIXELS = 64
-
-
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
-           padding: tuple[int, int]) -> torch.Tensor:
-    """``F.conv2d`` (zero padding, no dilation/groups); small float32 CPU maps go through one GEMM.
-
-    The GEMM path computes the same sums (im2col, K = in_channels * kh * kw, M = batch * pixels) in a
-    different order: results agree with ``F.conv2d`` to float32 rounding.
-    """
-    kh, kw = weight.shape[-2:]
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4:
-        b, _, h, w = x.shape
-        ho = (h + 2 * padding[0] - kh) // stride[0] + 1
-        wo = (w + 2 * padding[1] - kw) // stride[1] + 1
-        if ho * wo <= GEMM_CONV_MAX_PIXELS:
-            co = weight.shape[0]
-            cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # [b, K, ho*wo]
-            cols = cols.transpose(0, 1).reshape(cols.shape[1], b * ho * wo)  # [K, b*ho*wo]
-            wmat = weight.reshape(co, -1)
-            out = torch.addmm(bias[:, None], wmat, cols) if bias is not None else wmat @ cols
-            return out.view(co, b, ho, wo).transpose(0, 1).contiguous()
-    return F.conv2d(x, weight, bias, stride, padding)
-
-
 class Conv2d(ops.Conv2d):
     """The casting Conv2d of :mod:`.ops` with :func:`conv2d`'s small-map CPU path."""
 
@@ -103,9 +76,12 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # the Sequentials' layers one by one, in place on fresh intermediates (one large allocation less each)
+        norm, _, conv = self.in_layers
+        h = conv(F.silu(norm(x), inplace=True))
+        h.add_(self.emb_layers(emb).to(h.dtype)[:, :, None, None])
+        norm, _, _, conv = self.out_layers
+        return conv(F.silu(norm(h), inplace=True)).add_(self.skip_connection(x))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -187,7 +163,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        return F.gelu(gate).mul_(a)
 
 
 class FeedForward(nn.Module):
@@ -254,7 +230,7 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv3x3(self.conv, x)
 
 
 class Block(nn.Sequential):

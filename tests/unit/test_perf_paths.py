@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from photo_restoration.supir import unet
+from photo_restoration.supir import conv as convmod
 from photo_restoration.supir.control import SupirDiffusion
+from photo_restoration.supir.conv import conv2d, upsample_conv3x3
 from photo_restoration.supir.loader import load_diffusion
-from photo_restoration.supir.unet import CrossAttention, conv2d
+from photo_restoration.supir.unet import CrossAttention
 from photo_restoration.testing.tiny_supir import TINY_UNET, tiny_state_dicts
 
 
@@ -35,13 +36,30 @@ def test_conv2d_equals_torch_conv(ci, co, k, stride, pad, size, bias):
 def test_gemm_path_is_used_below_the_size_limit(monkeypatch):
     calls = []
     unfold = F.unfold
-    monkeypatch.setattr(unet.F, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
+    monkeypatch.setattr(convmod.F, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
     x = torch.randn(2, 4, 8, 8)
     conv2d(x, torch.randn(4, 4, 3, 3), None, (1, 1), (1, 1))
     assert calls  # 64 output pixels: GEMM
     calls.clear()
     conv2d(torch.randn(2, 4, 16, 16), torch.randn(4, 4, 3, 3), None, (1, 1), (1, 1))
     assert not calls  # 256 output pixels: F.conv2d
+
+
+@pytest.mark.parametrize("size,dtype", [(4, torch.float32), (12, torch.float32), (9, torch.float16)])
+def test_upsample_conv_equals_upsampling_then_convolving(size, dtype):
+    """Four 2x2 phase convolutions of the input = the 3x3 convolution of the nearest x2 upsampled input
+    (16-bit stored weights are up-cast to the float32 input, as the casting layers do)."""
+    g = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(5, 6, 3, 3, generator=g) / 7)
+    conv = conv.to(dtype)
+    x = torch.randn(2, 6, size, size + 3, generator=g)
+    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight.float(), conv.bias.float(),
+                    padding=1)
+    got = upsample_conv3x3(conv, x)
+    assert got.shape == want.shape == (2, 5, 2 * size, 2 * size + 6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
