@@ -66,8 +66,8 @@ class ZeroCrossAttn(nn.Module):
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, control_scale: Scale = 1.0) -> torch.Tensor:
         b, c, h, w = x.shape
-        xn = self.norm1(x).flatten(2).transpose(1, 2)
-        cn = self.norm2(context).flatten(2).transpose(1, 2)
+        xn = self.norm1(x).flatten(2).transpose(1, 2).contiguous()  # one copy, not one per Linear
+        cn = self.norm2(context).flatten(2).transpose(1, 2).contiguous()
         y = self.attn(xn, cn).transpose(1, 2).reshape(b, c, h, w)
         return x + y * _scale(control_scale, y)
 

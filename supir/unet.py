@@ -138,7 +138,7 @@ class CrossAttention(nn.Module):
         return self.to_out(attention(self.to_q(x), k, v, self.heads))
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not (self.cache_kv and getattr(context, "_kv_cacheable", False)):
+        if torch.compiler.is_compiling() or not (self.cache_kv and getattr(context, "_kv_cacheable", False)):
             return self.to_k(context), self.to_v(context)
         key = (_weight_key(self.to_k), _weight_key(self.to_v))
         if None in key:
@@ -204,7 +204,9 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.norm(x).flatten(2).transpose(1, 2)
+        # tokens made contiguous once: a strided [B, HW, C] input would make every Linear a batched GEMM
+        # that packs its weight once per sample
+        t = self.norm(x).flatten(2).transpose(1, 2).contiguous()
         t = self.proj_in(t)
         context = context.to(t.dtype)
         for block in self.transformer_blocks:
