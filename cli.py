@@ -76,8 +76,10 @@ def demo(args: argparse.Namespace) -> int:
     photo = synthetic_photo(*args.size)
     photo.save(out / "input.png")
     print(f"demo: wrote {out / 'input.png'} and tiny weights in {out / 'models'}")
+    ckpts = out / "models" / "checkpoints"  # the tiny files under the published names
     restore_args = _RESTORE_PARSER().parse_args([
         str(out / "input.png"), "--out", str(out / "restored"), "--models", str(out / "models"),
+        "--sdxl", str(ckpts / "sd_xl_base_1.0.safetensors"), "--supir", str(ckpts / "SUPIR-v0Q.ckpt"),
         "--upscale", "2", "--steps", str(args.steps), "--min-short-side", "0", "--seed", "0"])
     restore_args.faces = _faces_available()
     restore_args.quiet_missing = True
@@ -184,10 +186,11 @@ def _load_image(path):
     import torch
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+    with Image.open(path) as im:  # alpha is composited over white, as the official HWC3
+        im = ImageOps.exif_transpose(im).convert("RGBA")
         arr = np.asarray(im, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).movedim(-1, 0)[None]
+    rgb, alpha = arr[..., :3], arr[..., 3:]
+    return torch.from_numpy(rgb * alpha + (1 - alpha)).movedim(-1, 0)[None]
 
 
 def _save_image(x, path) -> None:
@@ -201,29 +204,26 @@ def _save_image(x, path) -> None:
 @command("restore", "restore and upscale photos with SUPIR (and optionally LLaVA captions, CodeFormer faces)",
          _restore_args)
 def restore(args: argparse.Namespace) -> int:
-    from dataclasses import replace
     from pathlib import Path
 
-    from .nodes import supir_support as S
+    from .nodes import comfy
+    from .supir import pipeline as E
+    from .supir.loader import load_supir
 
     files = _images(args.input)
     sdxl, supir = _pick_models(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"restore: loading {Path(sdxl).name} + {Path(supir).name}")
-    handle = S.load_supir_files(sdxl, supir, args.dtype, "auto", name=Path(supir).name)
-    preset = S.PRESETS[PRESET_NAMES[args.preset]]
-    settings = S.with_settings(preset, steps=args.steps, seed=args.seed, tile_size=args.tile_size,
-                               tile_stride=args.tile_stride)
-    options = S.RestoreOptions(
-        settings=settings, upscale=args.upscale, min_short_side=args.min_short_side,
+    device = comfy.torch_device()
+    model = load_supir(sdxl, supir, dtype=comfy.pick_dtype(args.dtype, device, allow=("bf16", "fp16", "fp32")),
+                       vae_dtype=comfy.pick_dtype("auto", device, allow=("bf16", "fp32")), device=device)
+    settings = E.settings(
+        PRESET_NAMES[args.preset], steps=args.steps, seed=args.seed, tile_size=args.tile_size,
+        tile_stride=args.tile_stride, tile_batch_size=4, upscale_by=args.upscale, min_short_side=args.min_short_side,
         tiling="on" if args.tiled else "off" if args.no_tiling else "auto", color_fix=args.color_fix,
-        tiled_vae=not args.no_tiled_vae)
-    if args.prompt is not None:
-        options = replace(options, positive=args.prompt)
-    if args.negative is not None:
-        options = replace(options, negative=args.negative)
-    captioner = _llava_captioner(args.caption_llava, handle, args.caption_tokens) if args.caption_llava else None
+        tiled_vae=not args.no_tiled_vae, positive_prompt=args.prompt, negative_prompt=args.negative)
+    captioner = _llava_captioner(args.caption_llava, model, args.caption_tokens) if args.caption_llava else None
     faces = _face_restorer(args) if args.faces else None
     for f in files:
         image = _load_image(f)
@@ -231,7 +231,8 @@ def restore(args: argparse.Namespace) -> int:
         if captioner is not None:
             captions = [captioner(image)]
             print(f"restore: {f.name}: caption: {captions[0][:200]}")
-        result = S.restore(handle, image, options, captions)
+        with comfy.Progress(settings.steps, f"SUPIR {f.name}") as bar:
+            result = E.restore(image, model, settings, bar, captions)
         if faces is not None:
             result = faces(result)
             print(f"restore: {f.name}: faces restored with CodeFormer (w={args.fidelity})")
@@ -242,22 +243,21 @@ def restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _llava_captioner(name: str, handle, max_new_tokens: int = 512):
+def _llava_captioner(name: str, model, max_new_tokens: int = 512):
     """image [1,3,H,W] 0..1 -> caption of its stage-1 (denoised) version, as the official pipeline does,
     with the pack's LLaVA code (folder models/LLM/<name>)."""
     import torch
 
     from .nodes import comfy
-    from .nodes import supir_support as S
+    from .supir import pipeline as E
     from .supir.caption import CaptionSettings, caption_images, load_llava
 
     llava = load_llava(comfy.full_path("LLM", name), torch.float32 if comfy.torch_device().type == "cpu"
                        else torch.float16, "none", comfy.torch_device())
+    stage = E.settings(tiled_vae=True)
 
     def caption(image):
-        p = S.plan(image.shape[-2], image.shape[-1])
-        _, x1 = S.first_stage(handle, S.fit(image, p) * 2 - 1, 512, 512)
-        stage1 = S.unfit(((x1.cpu() + 1) / 2).clamp(0, 1), p.work, image.shape[-2:])
+        _, stage1, _ = E.first_stage(image, model, stage)
         return caption_images(llava, stage1, CaptionSettings(max_new_tokens=max_new_tokens))[0]
 
     return caption

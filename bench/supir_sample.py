@@ -93,15 +93,13 @@ def main(argv=None) -> None:
 
     img = np.asarray(synthetic_photo(w, h, seed=0), dtype=np.float32) / 255.0
     images = torch.from_numpy(img).permute(2, 0, 1)[None].repeat(args.batch, 1, 1, 1)
-    tiling = None
-    if args.vae_tile:
-        from photo_restoration.supir.vae import VAETiling
-
-        tiling = VAETiling(encoder_tile_size=args.vae_tile[0], decoder_tile_size=args.vae_tile[1])
-    settings = RestoreSettings(upscale=args.upscale, steps=args.steps, sampler=args.sampler, tiled=args.tiled,
-                               tile_size=args.tile_size, tile_stride=args.tile_stride,
-                               tile_batch_size=args.tile_batch, vae_tiling=tiling, prompt="a photo")
-    plan = plan_sizes(h, w, args.upscale, settings.min_size, settings.size_multiple, settings.fit)
+    enc_px, dec_latent = args.vae_tile or (512, 64)
+    settings = RestoreSettings(upscale_by=args.upscale, steps=args.steps, sampler=args.sampler,
+                               tiling="on" if args.tiled else "off", tile_size=args.tile_size * 8,
+                               tile_stride=args.tile_stride * 8, tile_batch_size=args.tile_batch,
+                               tiled_vae=bool(args.vae_tile), encoder_tile_size=enc_px,
+                               decoder_tile_size=dec_latent * 8, positive_prompt="a photo")
+    plan = plan_sizes(h, w, args.upscale, settings.min_short_side, settings.size_multiple, settings.fit)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = Timer()

@@ -122,12 +122,14 @@ def network_name(state_dict: dict) -> str:
 
 
 def build_retinaface(name: str) -> torch.nn.Module:
-    """facexlib's RetinaFace network (random init) for "resnet50" or "mobilenet0.25", returning raw logits."""
+    """facexlib's RetinaFace network (random init, global RNG untouched) for "resnet50" or "mobilenet0.25",
+    returning raw logits."""
     import warnings
 
     from facexlib.detection.retinaface import RetinaFace
 
-    with warnings.catch_warnings():
+    # the constructors initialise weights at random: keep the caller's global RNG state as it was
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" (it is False)
         net = RetinaFace(network_name="mobile0.25" if name == "mobilenet0.25" else "resnet50",
                          half=False, phase="train", device=torch.device("cpu"))

@@ -153,6 +153,33 @@ def _roi(face: PasteFace, canvas_hw: tuple[int, int], upscale: float) -> tuple[i
     return x0, y0, x1, y1
 
 
+def _shifted(matrix: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
+    m = matrix.copy()
+    m[0, 2] -= offset[0]
+    m[1, 2] -= offset[1]
+    return m
+
+
+def _eroded_square(face_hw: tuple[int, int], m: np.ndarray, size_wh: tuple[int, int], upscale: float) -> np.ndarray:
+    """The face square warped onto the canvas window and eroded by ``int(2 * upscale)`` (the references')."""
+    inv_mask = cv2.warpAffine(np.ones(face_hw, np.float32), m, size_wh)
+    k = int(2 * upscale)
+    return cv2.erode(inv_mask, np.ones((k, k), np.uint8))
+
+
+def box_border(face: PasteFace, size_wh: tuple[int, int], upscale: float,
+               offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """The official ``draw_box`` frame ``[H, W, 1]``: a ``int(1400 / sqrt(face area))`` px border of the face
+    square (area = the eroded square's sum on the canvas), warped onto the canvas window at ``offset``."""
+    m = _shifted(face.matrix, offset)
+    fs_h, fs_w = face.restored.shape[:2]
+    area = float(np.sum(_eroded_square((fs_h, fs_w), m, size_wh, upscale)))
+    border = int(1400 / math.sqrt(area)) if area > 0 else 0
+    frame = np.ones((fs_h, fs_w), np.float32)
+    frame[border:fs_h - border, border:fs_w - border] = 0
+    return cv2.warpAffine(frame, m, size_wh)[:, :, None]
+
+
 def face_blend(face: PasteFace, size_wh: tuple[int, int], upscale: float, helper: str = "codeformer",
                offset: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """(face image to blend, blend mask [H,W,1]) on a canvas window of ``size_wh`` at ``offset``.
@@ -160,9 +187,7 @@ def face_blend(face: PasteFace, size_wh: tuple[int, int], upscale: float, helper
     The window is the full canvas for offset (0, 0) and the canvas size; a smaller window gives the
     same values as long as it contains the face's support (see :func:`_roi`).
     """
-    m = face.matrix.copy()
-    m[0, 2] -= offset[0]
-    m[1, 2] -= offset[1]
+    m = _shifted(face.matrix, offset)
     restored = face.restored
     inv_restored = cv2.warpAffine(restored, m, size_wh)
     if inv_restored.ndim == 2:
@@ -171,10 +196,7 @@ def face_blend(face: PasteFace, size_wh: tuple[int, int], upscale: float, helper
     soft = None
     pasted = inv_restored
     if use_square:
-        fs_h, fs_w = restored.shape[:2]
-        inv_mask = cv2.warpAffine(np.ones((fs_h, fs_w), np.float32), m, size_wh)
-        k = int(2 * upscale)
-        inv_mask_e = cv2.erode(inv_mask, np.ones((k, k), np.uint8))
+        inv_mask_e = _eroded_square(restored.shape[:2], m, size_wh, upscale)
         pasted = inv_mask_e[:, :, None] * inv_restored
         area = float(np.sum(inv_mask_e))
         w_edge = int(area ** 0.5) // 20
@@ -191,12 +213,13 @@ def face_blend(face: PasteFace, size_wh: tuple[int, int], upscale: float, helper
 
 
 def paste_faces(background: np.ndarray, faces: list[PasteFace], upscale: float, helper: str = "codeformer",
-                roi: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                roi: bool = True, draw_box: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Blend restored faces onto ``background`` (already at the output size), later faces over earlier.
 
     Returns (canvas as float, union of the blend masks float32 [H,W]). Convert the canvas with
     :func:`to_uint8`. ``roi=False`` runs the reference's full-canvas formula (slow, for checks).
-    An alpha channel (4th) is carried through untouched.
+    An alpha channel (4th) is carried through untouched. ``draw_box`` then frames every face in green
+    (:func:`box_border`, the official ``draw_box``; the canvas is RGB 0..255).
     """
     h, w = background.shape[:2]
     alpha = None
@@ -225,6 +248,15 @@ def paste_faces(background: np.ndarray, faces: list[PasteFace], upscale: float, 
                 canvas = canvas.astype(np.result_type(canvas.dtype, blended.dtype))
             canvas[y0:y1, x0:x1] = blended
             union[y0:y1, x0:x1] = np.maximum(union[y0:y1, x0:x1], soft[:, :, 0].astype(np.float32))
+    if draw_box and canvas.shape[2] == 3:
+        canvas = canvas.astype(np.result_type(canvas.dtype, np.float32))
+        green = np.array([0.0, 255.0, 0.0], canvas.dtype)
+        for face in faces:
+            x0, y0, x1, y1 = _roi(face, (h, w), upscale) if roi else (0, 0, w, h)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            b = box_border(face, (x1 - x0, y1 - y0), upscale, offset=(x0, y0))
+            canvas[y0:y1, x0:x1] = b * green + (1 - b) * canvas[y0:y1, x0:x1]
     if alpha is not None:
         canvas = np.concatenate([canvas, alpha.astype(canvas.dtype)], axis=2)
     if background.ndim == 2:
@@ -271,9 +303,52 @@ def is_gray(image: np.ndarray, threshold: float = 10) -> bool:
     return float(((r - g).var() + (r - b).var() + (g - b).var()) / 3.0) <= threshold
 
 
+def is_toned(image: np.ndarray, threshold: float = 10) -> bool:
+    """A monochrome picture in any tone (sepia, cyanotype, a tinted scan): every channel is, up to a
+    residual variance <= ``threshold``, an affine function of the channel mean. Gray pictures pass too.
+
+    Not in the references (their :func:`is_gray` misses strongly toned pictures, whose channel
+    differences grow with brightness); used with :func:`is_gray` to decide on :func:`match_input_colour`.
+    """
+    if image.ndim == 2 or image.shape[2] == 1:
+        return True
+    img = image[:, :, :3].reshape(-1, 3).astype(np.float64)
+    if len(img) > 1 << 20:  # a regular subsample is plenty for a statistic
+        img = img[:: len(img) // (1 << 20) + 1]
+    m = img.mean(axis=1)
+    mc = m - m.mean()
+    var_m = float((mc * mc).mean())
+    residual = 0.0
+    for c in range(3):
+        xc = img[:, c] - img[:, c].mean()
+        slope = float((xc * mc).mean()) / var_m if var_m > 0 else 0.0
+        residual += float(((xc - slope * mc) ** 2).mean())
+    return residual / 3.0 <= threshold
+
+
+def luma(face: np.ndarray) -> np.ndarray:
+    """0.2989 R + 0.5870 G + 0.1140 B of an RGB face as float64 ``[H, W]``."""
+    f = face.astype(np.float64)
+    return 0.2989 * f[:, :, 0] + 0.5870 * f[:, :, 1] + 0.1140 * f[:, :, 2]
+
+
+def match_input_colour(restored: np.ndarray, input_face: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """The official colour handling of grey-looking pictures: the restored face's luma, repeated on
+    three channels, then AdaIN to the input face's per-channel statistics (population variance + eps),
+    so a sepia or toned face keeps its tint. Both are RGB ``[512, 512, 3]`` (uint8 or 0..255 floats).
+
+    Deliberately different: the result is clipped to 0..255 and rounded to uint8 (the reference keeps
+    floats that can exceed 255, which its paste-back then misreads as a 16-bit picture).
+    """
+    y = luma(restored)
+    y_mean, y_std = y.mean(), np.sqrt(y.var() + eps)
+    ref = input_face.reshape(-1, input_face.shape[-1])[:, :3].astype(np.float64)
+    mean, std = ref.mean(axis=0), np.sqrt(ref.var(axis=0) + eps)
+    out = (y[:, :, None] - y_mean) / y_std * std + mean
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def to_gray_rgb(face: np.ndarray) -> np.ndarray:
     """Luma (0.2989 R + 0.5870 G + 0.1140 B) of an RGB uint8 face, repeated on three channels."""
-    f = face.astype(np.float32)
-    y = 0.2989 * f[:, :, 0] + 0.5870 * f[:, :, 1] + 0.1140 * f[:, :, 2]
-    y = np.clip(np.round(y), 0, 255).astype(np.uint8)
+    y = np.clip(np.round(luma(face)), 0, 255).astype(np.uint8)
     return np.repeat(y[:, :, None], 3, axis=2)

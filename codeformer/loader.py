@@ -14,10 +14,10 @@ from typing import Any, Mapping
 
 import torch
 
+from ..weightfile import read_weights, unwrap_state_dict
 from .arch import CodeFormer, CodeFormerConfig
 
 OFFICIAL_N_HEAD = 8
-TORCH_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin"}
 SIGNATURE_KEYS = ("position_emb", "quantize.embedding.weight", "feat_emb.weight", "idx_pred_layer.1.weight",
                   "encoder.blocks.0.weight", "generator.blocks.0.weight")
 
@@ -102,37 +102,7 @@ def make_config(config: Mapping[str, Any]) -> CodeFormerConfig:
 
 def read_state_dict(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The network's tensors from a file (unwrapping ``params_ema`` / ``params``) and any safetensors metadata."""
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"CodeFormer weights not found: {path}")
-    metadata: dict[str, str] = {}
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = dict(f.metadata() or {})
-                loaded: Any = {k: f.get_tensor(k) for k in f.keys()}
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable, truncated or not a weights file at all
-        raise ValueError(f"cannot read CodeFormer weights {path}: {type(exc).__name__}: {exc}") from exc
-    return unwrap_state_dict(loaded, str(path)), metadata
-
-
-def unwrap_state_dict(loaded: Any, name: str = "state dict") -> dict[str, torch.Tensor]:
-    """``params_ema`` > ``params`` > the dict itself; strips a DataParallel ``module.`` prefix."""
-    if not isinstance(loaded, Mapping):
-        raise ValueError(f"{name} does not hold a state dict (got {type(loaded).__name__})")
-    for key in ("params_ema", "params"):
-        if isinstance(loaded.get(key), Mapping):
-            loaded = loaded[key]
-            break
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in loaded.items()}
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"{name}: entries that are not tensors: {bad[:5]}")
-    return sd
+    return read_weights(source, "CodeFormer weights")
 
 
 def load_codeformer(source: str | Path | Mapping[str, torch.Tensor], device: torch.device | str = "cpu",
@@ -144,7 +114,7 @@ def load_codeformer(source: str | Path | Mapping[str, torch.Tensor], device: tor
     """
     if isinstance(source, Mapping):
         name, metadata = "state dict", {}
-        sd = unwrap_state_dict(source, name)
+        sd = unwrap_state_dict(source, name)  # the pack's one reader: ../weightfile.py
     else:
         name = str(source)
         sd, metadata = read_state_dict(source)

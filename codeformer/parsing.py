@@ -100,7 +100,9 @@ def load_parser(source: str | os.PathLike | dict, device: str | torch.device = "
                                 published=RELEASES)
     kind = parser_kind(sd)
     try:
-        net = ParseNet(**parsenet_config(sd)) if kind == "parsenet" else BiSeNet(num_class=int(sd["conv_out.conv_out.weight"].shape[0]))
+        with torch.random.fork_rng(devices=[]):  # random init: keep the caller's global RNG state as it was
+            net = (ParseNet(**parsenet_config(sd)) if kind == "parsenet"
+                   else BiSeNet(num_class=int(sd["conv_out.conv_out.weight"].shape[0])))
     except (KeyError, IndexError) as exc:
         raise ValueError(f"{label}: incomplete {kind} state dict (missing {exc})") from None
     expected = net.state_dict()

@@ -11,8 +11,9 @@ from ..supir.caption import (
     caption_tiles,
     generation_memory,
     load_llava,
-    tile_crops,
+    tiles_per_picture,
 )
+from ..supir.pipeline import MAX_MEGAPIXELS, check_images
 from .comfy import (
     Managed,
     Progress,
@@ -144,25 +145,33 @@ class LlavaCaption:
                                                   "picture."}),
                 "template": ("STRING", {"default": "", "multiline": False,
                                         "tooltip": "Prompt format with {question}, e.g. 'USER: <image>\\n{question} "
-                                                   "ASSISTANT:'. Empty: the model's own chat template, else "
-                                                   "LLaVA-1.5's."}),
+                                                   "ASSISTANT:'. Empty: for LLaVA-1.5 the official vicuna_v1 "
+                                                   "conversation (system sentence, USER: / ASSISTANT:), for "
+                                                   "LLaVA-NeXT the model's own chat template."}),
+                "max_megapixels": ("FLOAT", {"default": MAX_MEGAPIXELS, "min": 0.0, "max": 4096.0, "step": 1.0,
+                                             "tooltip": "Per-tile captions: refuse (with a clear error) pictures "
+                                                        "whose padded sampling size is above this many megapixels. "
+                                                        "0 = no limit."}),
             },
         }
 
     def caption(self, llava: Managed, image, question: str, temperature: float, top_p: float, max_new_tokens: int,
                 seed: int, preprocess: str, tile_size: int, tile_stride: int, unload_after: bool,
-                short_side: int = CAPTION_SHORT_SIDE, batch_size: int = 1, template: str = ""):
+                short_side: int = CAPTION_SHORT_SIDE, batch_size: int = 1, template: str = "",
+                max_megapixels: float = MAX_MEGAPIXELS):
         settings = CaptionSettings(question=question, temperature=temperature, top_p=top_p,
                                    max_new_tokens=max_new_tokens, seed=seed, preprocess=preprocess,
                                    short_side=short_side, template=template, batch_size=batch_size)
-        pictures = image_to_bchw(image)
-        per_picture = len(tile_crops(pictures[0], tile_size, tile_stride)) if tile_size else 1
+        pictures = check_images(image_to_bchw(image))
+        per_picture = tiles_per_picture(*pictures.shape[-2:], tile_size, tile_stride, max_megapixels) if tile_size \
+            else 1
         managed_here = llava.patcher is not None or llava.model.quantization == "none"
         model = load(llava, generation_memory(llava.model, settings)) if managed_here else llava.model
         try:
             with Progress(len(pictures) * per_picture, "LLaVA captions") as progress:
                 if tile_size:
-                    captions = caption_tiles(model, pictures, tile_size, tile_stride, settings, progress)
+                    captions = caption_tiles(model, pictures, tile_size, tile_stride, settings, progress,
+                                             max_megapixels)
                 else:
                     captions = caption_images(model, pictures, settings, progress)
         finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -126,10 +127,51 @@ def list_dirs(key: str) -> list[str]:
     return sorted(names)
 
 
+def model_name(key: str, name: str) -> str:
+    """A user-given model name, normalised to a path relative to the ``key`` folder.
+
+    Sub-folders are fine (``SUPIR/SUPIR-v0Q.ckpt``, either slash); an empty name, an absolute path, a
+    drive letter or ``..`` leading out of the folder raise a ValueError naming the input. Symlinks that
+    users place inside the folder are followed, as ComfyUI does.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"No model chosen for the '{key}' model folder (got {name!r}); pick a file from the list.")
+    if "\x00" in name or len(name) > 4096:
+        raise ValueError(f"Model name {name[:200]!r} for the '{key}' folder is not a valid file name.")
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or os.path.isabs(name):
+        raise ValueError(f"Model name '{name}' is an absolute path; choose a file inside the '{key}' model folder "
+                         f"({', '.join(folder_paths_for(key))}) by its name there.")
+    parts: list[str] = []
+    for part in name.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise ValueError(f"Model name '{name}' leads out of the '{key}' model folder ('..'); choose a "
+                                 f"file inside it ({', '.join(folder_paths_for(key))}).")
+            parts.pop()
+            continue
+        parts.append(part)
+    if not parts:
+        raise ValueError(f"Model name '{name}' names the '{key}' folder itself, not a model in it.")
+    return "/".join(parts)
+
+
 def full_path(key: str, name: str) -> str:
-    """Absolute path of ``name`` in folder key ``key``; a clear FileNotFoundError otherwise."""
+    """Absolute path of the file or folder ``name`` inside folder key ``key`` (never outside it, see
+    :func:`model_name`); a clear FileNotFoundError when it is not there."""
+    rel = model_name(key, name)
+    if comfy_present():
+        import folder_paths
+
+        try:
+            found = folder_paths.get_full_path(key, rel)  # files; LLaVA folders are found below
+        except KeyError:
+            found = None
+        if found:
+            return found
     for root in folder_paths_for(key):
-        candidate = os.path.join(root, name)
+        candidate = os.path.join(root, *rel.split("/"))
         if os.path.exists(candidate):
             return candidate
     raise FileNotFoundError(
@@ -211,32 +253,77 @@ class Managed:
 
     Inside ComfyUI ``patcher`` is a ``ModelPatcher`` around ``model``; ComfyUI may move the weights
     to the offload device whenever another model needs the VRAM. Call :func:`load` before use.
+    ``partial_load``: the host may load only part of the weights (the rest cast per layer from the
+    offload device); otherwise it loads the whole network or nothing.
     """
 
     model: torch.nn.Module
     patcher: Any = None
     info: dict = field(default_factory=dict)
+    partial_load: bool = False
 
 
-def manage(model: torch.nn.Module, **info: Any) -> Managed:
-    """Put ``model`` (already on the offload device) under memory management."""
+def _comfy_caster() -> Callable:
+    """ComfyUI's per-layer weight caster (``comfy.ops.cast_bias_weight``) as a context manager for
+    :func:`supir.ops.set_host_caster`: honours lowvram weight patches, offload streams and (0.33 on CUDA)
+    dynamic VRAM."""
+    import contextlib
+
+    import comfy.ops
+
+    context = getattr(comfy.ops, "CastBiasWeightContext", None)
+    if context is not None:  # 0.33+
+        return lambda layer, x: context(layer, x, offloadable=True)
+    cast, uncast = comfy.ops.cast_bias_weight, getattr(comfy.ops, "uncast_bias_weight", None)
+
+    @contextlib.contextmanager
+    def caster(layer, x):
+        if uncast is None:  # older trees: the legacy two-value signature
+            yield cast(layer, x)
+            return
+        weight, bias, stream = cast(layer, x, offloadable=True)
+        try:
+            yield weight, bias
+        finally:
+            uncast(layer, weight, bias, stream)
+
+    return caster
+
+
+def manage(model: torch.nn.Module, partial_load: bool | None = None, **info: Any) -> Managed:
+    """Put ``model`` (already on the offload device) under memory management.
+
+    ``partial_load`` (default: whether every parameter lives in a casting layer of ``supir.ops``, see
+    :func:`supir.ops.partial_load_safe`) lets ComfyUI load only what fits and stream the rest per layer;
+    such models get ComfyUI's core patcher (0.33 on CUDA: dynamic VRAM). Other networks load whole.
+    """
+    from ..supir import ops as supir_ops
+
+    partial = supir_ops.partial_load_safe(model) if partial_load is None else bool(partial_load)
     if comfy_present():
         import comfy.model_management as mm
         import comfy.model_patcher
 
-        patcher = comfy.model_patcher.ModelPatcher(
-            model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-        )
-        return Managed(model, patcher, info)
-    return Managed(model, None, info)
+        supir_ops.set_host_caster(_comfy_caster())
+        cls = comfy.model_patcher.ModelPatcher
+        if partial:
+            cls = getattr(comfy.model_patcher, "CoreModelPatcher", cls)
+        patcher = cls(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        return Managed(model, patcher, info, partial)
+    return Managed(model, None, info, partial)
 
 
 def load(managed: Managed, memory_required: int = 0) -> torch.nn.Module:
-    """Bring a managed model onto the compute device (evicting others in ComfyUI) and return it."""
+    """Bring a managed model onto the compute device (evicting others in ComfyUI) and return it.
+
+    ``memory_required``: bytes the coming computation needs besides the weights (see
+    :mod:`supir.memory`); ComfyUI frees that much and, for partial-load models, loads as many weights
+    as still fit, casting the rest per layer from the offload device."""
     if managed.patcher is not None:
         import comfy.model_management as mm
 
-        mm.load_models_gpu([managed.patcher], memory_required=memory_required, force_full_load=True)
+        mm.load_models_gpu([managed.patcher], memory_required=int(memory_required),
+                           force_full_load=not managed.partial_load)
         return managed.patcher.model
     device = torch_device()
     return managed.model.to(device)
@@ -253,19 +340,6 @@ def unload(managed: Managed) -> None:
         mm.soft_empty_cache()
         return
     managed.model.to(offload_device())
-
-
-def free_memory(bytes_needed: int, device: torch.device | None = None) -> None:
-    """Ask the host to make room on ``device`` (no-op outside ComfyUI)."""
-    if comfy_present():
-        import comfy.model_management as mm
-
-        mm.free_memory(bytes_needed, device or mm.get_torch_device())
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for an out-of-memory error of the compute device."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,22 +455,46 @@ def state_dicts_from_comfy(model: Any, clip: Any = None, vae: Any = None) -> dic
 
     Keys as in an SDXL checkpoint file: ``model.diffusion_model.*``, ``first_stage_model.*``,
     ``conditioner.embedders.0.transformer.*`` (CLIP-L), ``conditioner.embedders.1.model.*`` (bigG).
-    The models are loaded with their patches baked in first (LoRAs, merges), exactly as ComfyUI's
-    checkpoint saving does. Tensors may live on the compute device; the caller copies what it needs.
+    Patches (LoRAs, merges) are baked in exactly as ComfyUI's own checkpoint saving does on the running
+    version: ComfyUI >= 0.33 builds the patched UNet dict in ``ModelPatcher.state_dict_for_saving``
+    (also for the dynamic-VRAM patcher; weights come back lazily patched and are materialised here);
+    older versions patch the loaded weights (``force_patch_weights``) and read ``BaseModel``'s dict.
+    Tensors may live on the compute device; the caller copies what it needs.
     """
-    clip_sd = vae_sd = None
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "state_dict_for_saving"):
+        raise ValueError("Load SUPIR (from MODEL/CLIP/VAE) needs a ComfyUI MODEL (e.g. from Load Checkpoint); "
+                         f"got {type(model).__name__}.")
+    patcher_saves = hasattr(model, "state_dict_for_saving")  # ComfyUI >= 0.33
     patchers = [model]
+    clip_sd = vae_sd = None
     if clip is not None:
         patchers.append(clip.load_model())
-        clip_sd = clip.get_sd()
     if vae is not None:
         vae_sd = vae.get_sd()
     if comfy_present():
         import comfy.model_management as mm
 
-        mm.load_models_gpu(patchers, force_patch_weights=True)
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "state_dict_for_saving"):
-        raise ValueError("Load SUPIR (from MODEL/CLIP/VAE) needs a ComfyUI MODEL (e.g. from Load Checkpoint); "
-                         f"got {type(model).__name__}.")
-    return dict(inner.state_dict_for_saving(clip_sd, vae_sd, None))
+        if patcher_saves:
+            mm.load_models_gpu(patchers)
+        else:
+            mm.load_models_gpu(patchers, force_patch_weights=True)
+    if clip is not None:
+        clip_sd = clip.state_dict_for_saving() if patcher_saves and hasattr(clip, "state_dict_for_saving") \
+            else clip.get_sd()
+        # materialised before ComfyUI converts the layout (bigG's q/k/v are concatenated there)
+        clip_sd = {k: _plain_tensor(v) for k, v in clip_sd.items()}
+    if patcher_saves:
+        sd = model.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+    else:
+        sd = inner.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+    return {k: _plain_tensor(v) for k, v in sd.items()}
+
+
+def _plain_tensor(v: Any) -> Any:
+    """A plain tensor for a state-dict value. ComfyUI 0.33's saving dicts hold lazily patched parameters
+    (``LazyCastingParam``: a Parameter subclass whose ``.to()`` computes the patched weight); their own
+    data is the *unpatched* weight, so they are materialised through ``.to`` before anything reads them."""
+    if isinstance(v, torch.nn.Parameter) and type(v) is not torch.nn.Parameter:
+        v = v.to("cpu")
+    return v.detach() if isinstance(v, torch.Tensor) else v

@@ -7,15 +7,25 @@ CATEGORY = "image/restoration"
 PREFIX = "PhotoRestore"
 
 
-def image_to_bchw(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE [B,H,W,C] in 0..1 -> float [B,3,H,W] (a new tensor; RGBA drops alpha, gray expands)."""
+def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] in 0..1 -> float RGB [B,3,H,W] (a new tensor).
+
+    Channels as the official ``HWC3``: gray (1) is repeated to RGB, gray + alpha (2) and RGBA (4) are composited
+    over white (``rgb * alpha + (1 - alpha)``); anything else is a ValueError naming the input.
+    """
     if image.ndim == 3:
         image = image.unsqueeze(0)
+    if image.ndim != 4:
+        raise ValueError(f"{name}: expected an IMAGE [B, H, W, C], got shape {tuple(image.shape)}.")
     x = image.movedim(-1, 1).float()
+    c = x.shape[1]
+    if c not in (1, 2, 3, 4):
+        raise ValueError(f"{name}: an IMAGE needs 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA) channels, got {c}.")
+    if c in (2, 4):
+        alpha = x[:, -1:]
+        x = x[:, :-1] * alpha + (1 - alpha)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] > 3:
-        x = x[:, :3]
     return x.clone()
 
 

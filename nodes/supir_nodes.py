@@ -1,17 +1,18 @@
-"""SUPIR nodes: loaders, the step-by-step graph (first stage, encode, conditioner, sampler, decode,
-colour fix, tiles) and the all-in-one Restore.
+"""SUPIR nodes: loaders, first stage, encode, decode, colour fix and tiles (the sampler, conditioner and the
+all-in-one Restore are in ``supir_sampler_nodes.py``).
 
-Data between the nodes: ``PHOTORESTORE_SUPIR`` (:class:`SupirHandle`), ``PHOTORESTORE_SUPIR_COND``
-(text conditioning, one entry per prompt), IMAGE [B,H,W,C] in 0..1 and LATENT in ComfyUI's
-convention (``samples`` unscaled, so core VAE Decode / KSampler latents plug in too).
+Data between the nodes: ``PHOTORESTORE_SUPIR`` (:class:`SupirHandle`), ``PHOTORESTORE_SUPIR_COND`` (text
+conditioning, one entry per prompt), IMAGE [B,H,W,C] in 0..1 and LATENT in ComfyUI's convention (``samples``
+unscaled, so core VAE Decode / KSampler latents plug in too). Every node converts ComfyUI types and calls the
+engine in ``supir/pipeline.py``. Images with NaN or infinite pixels, and empty batches, are refused with an
+error naming the input (never spread over the result).
 """
 from __future__ import annotations
 
-import torch
-
+from ..supir import pipeline as E
 from . import comfy
 from .common import CATEGORY, PREFIX, bchw_to_image, image_to_bchw
-from . import supir_support as S
+from . import supir_io as IO
 
 SUPIR = "PHOTORESTORE_SUPIR"
 COND = "PHOTORESTORE_SUPIR_COND"
@@ -35,7 +36,8 @@ def _supir_path(name: str) -> str:
     raise FileNotFoundError(f"SUPIR checkpoint '{name}' is in neither the 'checkpoints' nor the 'model_patches' folder.")
 
 
-def _tile_inputs(default_enc: int = 512, default_dec: int = 512) -> dict:
+def tile_inputs(default_enc: int = 512, default_dec: int = 512) -> dict:
+    """The tiled-VAE widgets (tile sizes in image pixels)."""
     return {
         "tiled_vae": ("BOOLEAN", {"default": True, "tooltip": "Encode/decode in tiles with whole-image normalisation: "
                                   "same result, bounded memory. Turn off only for small images on a large GPU."}),
@@ -46,11 +48,18 @@ def _tile_inputs(default_enc: int = 512, default_dec: int = 512) -> dict:
     }
 
 
-def _vae_tiles(tiled: bool, size_px: int) -> int | None:
-    return int(size_px) if tiled else None
+TILE_SIZE_INPUT = ("INT", {"default": 1024, "min": 256, "max": 4096, "step": 64,
+                           "tooltip": "Sampler tile size in image pixels (official 1024)."})
+TILE_STRIDE_INPUT = ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
+                             "tooltip": "Distance between tiles in image pixels (official 512; smaller = more overlap, "
+                             "fewer seams, slower). At most tile_size: a larger stride would leave gaps and is "
+                             "refused."})
+MAX_MEGAPIXELS_INPUT = ("FLOAT", {"default": E.MAX_MEGAPIXELS, "min": 0.0, "max": 4096.0, "step": 1.0, "tooltip":
+                        "Size budget: refuse (with a clear error) any plan whose working image is above this many "
+                        "megapixels instead of trying to allocate it. 0 = no limit."})
 
 
-def _unlist(value):
+def unlist(value):
     """A single value from an INPUT_IS_LIST input (the first element of a list)."""
     return value[0] if isinstance(value, list) and value else value
 
@@ -91,7 +100,7 @@ class LoadSupir:
     def load(self, sdxl_checkpoint, supir_checkpoint, weight_dtype, vae_dtype, compile=False):
         sdxl = comfy.full_path("checkpoints", sdxl_checkpoint)
         supir = _supir_path(supir_checkpoint)
-        handle = S.load_supir_files(sdxl, supir, weight_dtype, vae_dtype, name=supir_checkpoint)
+        handle = IO.load_supir_files(sdxl, supir, weight_dtype, vae_dtype, name=supir_checkpoint)
         if compile:
             from ..supir.compile import maybe_compile
             maybe_compile(handle.model.diffusion, True)
@@ -122,16 +131,23 @@ class LoadSupirFromModel:
     def load(self, model, clip, vae, supir_checkpoint, weight_dtype, vae_dtype):
         sdxl = comfy.state_dicts_from_comfy(model, clip, vae)
         supir = _supir_path(supir_checkpoint)
-        return (S.load_supir_files(sdxl, supir, weight_dtype, vae_dtype, name=supir_checkpoint),)
+        return (IO.load_supir_files(sdxl, supir, weight_dtype, vae_dtype, name=supir_checkpoint),)
 
 
 # --------------------------------------------------------------------------------------------
 # First stage, encode, decode
 # --------------------------------------------------------------------------------------------
 
+def _vae_settings(tiled_vae: bool, encoder_tile_size: int = 512, decoder_tile_size: int = 512,
+                  max_megapixels: float = 0.0, **more) -> E.RestoreSettings:
+    return E.settings(tiled_vae=bool(tiled_vae), encoder_tile_size=int(encoder_tile_size),
+                      decoder_tile_size=int(decoder_tile_size), max_megapixels=float(max_megapixels), **more)
+
+
 class FirstStage:
     DESCRIPTION = ("SUPIR's first stage: the degradation-robust encoder cleans the photo into a latent (the control "
-                   "for the sampler) and its decoded version (the stage-1 image, for captions and colour fix).")
+                   "for the sampler) and its decoded version (the stage-1 image, for captions and colour fix). "
+                   "Images with NaN or infinite pixels are refused with an error, never spread.")
     CATEGORY = CAT
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", "LATENT")
@@ -145,31 +161,21 @@ class FirstStage:
         return {"required": {
             "supir": (SUPIR, {"tooltip": "From Load SUPIR."}),
             "image": ("IMAGE", {"tooltip": "The photo at the final size (upscale it first, e.g. Upscale Image By "
-                                "lanczos x2)."}),
-            **_tile_inputs(),
-        }}
+                                "lanczos x2). Gray is made RGB, alpha is composited over white."}),
+            **tile_inputs(),
+        }, "optional": {"max_megapixels": MAX_MEGAPIXELS_INPUT}}
 
-    def run(self, supir, image, tiled_vae, encoder_tile_size, decoder_tile_size):
+    def run(self, supir, image, tiled_vae, encoder_tile_size, decoder_tile_size, max_megapixels=E.MAX_MEGAPIXELS):
         x = image_to_bchw(image)
-        b, _, h, w = x.shape
-        p = S.plan(h, w)
-        stage1, z = [], []
-        with comfy.Progress(b, "SUPIR first stage") as bar:
-            for i in range(b):
-                bar.check_interrupt()
-                xi = S.fit(x[i:i + 1], p).clamp(0, 1) * 2 - 1
-                with S.oom_advice("the first stage (VAE)", *p.internal, tiled_vae):
-                    zi, si = S.first_stage(supir, xi, _vae_tiles(tiled_vae, encoder_tile_size),
-                                           _vae_tiles(tiled_vae, decoder_tile_size))
-                stage1.append(S.unfit((si.float().cpu() + 1) / 2, p.work, (h, w)))
-                z.append(zi.float().cpu())
-                bar.advance()
-        return bchw_to_image(torch.cat(stage1)), S.latent_dict(torch.cat(z), (h, w), p.work)
+        s = _vae_settings(tiled_vae, encoder_tile_size, decoder_tile_size, max_megapixels)
+        with comfy.Progress(max(x.shape[0], 1), "SUPIR first stage") as bar:
+            z, stage1, p = E.first_stage(x, supir.model, s, IO.NodeCallbacks(bar, supir))
+        return bchw_to_image(stage1), IO.latent_dict(z, x.shape[-2:], p.work)
 
 
 class Encode:
-    DESCRIPTION = ("Encodes an image with the SDXL VAE encoder into a latent (posterior mode), e.g. the stage-1 image "
-                   "as the target of restoration guidance (restore_cfg) in SUPIR Sampler.")
+    DESCRIPTION = ("Encodes an image with the SDXL VAE encoder into a latent -- by default a posterior sample, as the "
+                   "official pipeline encodes the stage-1 image for restoration guidance (restore_cfg).")
     CATEGORY = CAT
     FUNCTION = "encode"
     RETURN_TYPES = ("LATENT",)
@@ -178,31 +184,32 @@ class Encode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        tiles = _tile_inputs()
+        tiles = tile_inputs()
         return {"required": {
             "supir": (SUPIR, {"tooltip": "From Load SUPIR."}),
             "image": ("IMAGE", {"tooltip": "The image to encode (usually the stage-1 image)."}),
             "tiled_vae": tiles["tiled_vae"],
             "encoder_tile_size": tiles["encoder_tile_size"],
+        }, "optional": {
+            "posterior": (["sample", "mode"], {"default": "sample", "tooltip": "sample: a draw from the encoder's "
+                          "posterior, as the official pipeline's guidance target E(stage-1). mode: its mean "
+                          "(deterministic)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Seed of the posterior draw; image "
+                             "i of a batch uses seed + i."}),
         }}
 
-    def encode(self, supir, image, tiled_vae, encoder_tile_size):
+    def encode(self, supir, image, tiled_vae, encoder_tile_size, posterior="sample", seed=0):
         x = image_to_bchw(image)
-        b, _, h, w = x.shape
-        p = S.plan(h, w)
-        z = []
-        with comfy.Progress(b, "SUPIR encode") as bar:
-            for i in range(b):
-                bar.check_interrupt()
-                xi = S.fit(x[i:i + 1], p).clamp(0, 1) * 2 - 1
-                with S.oom_advice("encoding (VAE)", *p.internal, tiled_vae):
-                    z.append(S.vae_encode(supir, xi, _vae_tiles(tiled_vae, encoder_tile_size)).float().cpu())
-                bar.advance()
-        return (S.latent_dict(torch.cat(z), (h, w), p.work),)
+        s = _vae_settings(tiled_vae, encoder_tile_size, seed=int(seed))
+        E.choice(posterior, ("sample", "mode"), "posterior")
+        with comfy.Progress(max(x.shape[0], 1), "SUPIR encode") as bar:
+            z, p = E.encode(x, supir.model, s, IO.NodeCallbacks(bar, supir), sample=posterior == "sample")
+        return (IO.latent_dict(z, x.shape[-2:], p.work),)
 
 
 class Decode:
-    DESCRIPTION = "Decodes a latent with the SDXL VAE back to an image, at the size the first stage remembered."
+    DESCRIPTION = ("Decodes a latent with the SDXL VAE back to an image, at the size the first stage remembered "
+                   "(8x the latent once a core node has changed its size).")
     CATEGORY = CAT
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE",)
@@ -211,7 +218,7 @@ class Decode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        tiles = _tile_inputs()
+        tiles = tile_inputs()
         return {"required": {
             "supir": (SUPIR, {"tooltip": "From Load SUPIR."}),
             "latent": ("LATENT", {"tooltip": "From SUPIR Sampler (or any SDXL LATENT: unscaled ComfyUI convention)."}),
@@ -220,138 +227,12 @@ class Decode:
         }}
 
     def decode(self, supir, latent, tiled_vae, decoder_tile_size):
-        z = S.scaled_latent(latent)
-        size, work = S.latent_size(latent), S.latent_work(latent)
-        out = []
-        with comfy.Progress(z.shape[0], "SUPIR decode") as bar:
-            for i in range(z.shape[0]):
-                bar.check_interrupt()
-                with S.oom_advice("decoding (VAE)", z.shape[-2] * 8, z.shape[-1] * 8, tiled_vae):
-                    xi = S.vae_decode(supir, z[i:i + 1], _vae_tiles(tiled_vae, decoder_tile_size))
-                out.append(S.unfit(((xi.float().cpu() + 1) / 2).clamp(0, 1), work, size).clamp(0, 1))
-                bar.advance()
-        return (bchw_to_image(torch.cat(out)),)
-
-
-# --------------------------------------------------------------------------------------------
-# Conditioner and sampler
-# --------------------------------------------------------------------------------------------
-
-class Conditioner:
-    DESCRIPTION = ("Turns the positive/negative prompts, optionally with captions (one for all, one per image or "
-                   "one per tile), into SUPIR's SDXL text conditioning.")
-    CATEGORY = CAT
-    FUNCTION = "condition"
-    INPUT_IS_LIST = True
-    RETURN_TYPES = (COND, COND)
-    RETURN_NAMES = ("positive", "negative")
-    OUTPUT_TOOLTIPS = ("Positive conditioning: one entry per caption (or one without captions).",
-                       "Negative conditioning (one entry).")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "supir": (SUPIR, {"tooltip": "From Load SUPIR (its SDXL text encoders are used)."}),
-            "positive_prompt": ("STRING", {"multiline": True, "default": S.OFFICIAL_POSITIVE,
-                                           "tooltip": "Quality words appended to every caption (official default)."}),
-            "negative_prompt": ("STRING", {"multiline": True, "default": S.OFFICIAL_NEGATIVE,
-                                           "tooltip": "What to steer away from (official default)."}),
-            "caption_mode": (list(S.CAPTION_MODES), {"default": S.CAPTION_MODES[0], "tooltip":
-                             "official: caption + positive prompt, and the text encoders keep the first 77 tokens "
-                             "(long captions push the positive prompt out). keep positive: the positive prompt is "
-                             "kept whole and the caption is cut to the tokens left."}),
-        }, "optional": {
-            "captions": ("STRING", {"forceInput": True, "tooltip": "Captions (e.g. from LLaVA Caption): one for all "
-                         "images, one per image, or one per sampler tile (a list, or one caption per line)."}),
-        }}
-
-    def condition(self, supir, positive_prompt, negative_prompt, caption_mode, captions=None):
-        handle = _unlist(supir)
-        positive, negative, mode = _unlist(positive_prompt), _unlist(negative_prompt), _unlist(caption_mode)
-        caps = S.split_captions(captions)
-        texts = [S.join_prompt(c, positive, mode) for c in caps] or [positive]
-        return S.encode_prompts(handle, texts), S.encode_prompts(handle, [negative])
-
-
-def sampler_inputs() -> dict:
-    """The sampling widgets shared by SUPIR Sampler (defaults: the official Quality preset)."""
-    q = S.PRESETS["Quality"]
-    return {
-        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                         "tooltip": "Noise seed; image i of a batch uses seed + i."}),
-        "sampler": (list(S.SAMPLERS), {"default": "EDM", "tooltip": "EDM: the official restoration sampler (50 "
-                    "steps). DPM++ 2M SDE: for Lightning SDXL models (8-10 steps)."}),
-        "steps": ("INT", {"default": q.steps, "min": 1, "max": 500, "tooltip": "Sampling steps (official 50; "
-                  "Lightning 8)."}),
-        "cfg_scale_start": ("FLOAT", {"default": q.cfg_scale_start, "min": 0.0, "max": 100.0, "step": 0.05,
-                                      "tooltip": "Prompt guidance at the first (noisiest) step; moves linearly to "
-                                      "cfg_scale_end. Quality preset 4, Fidelity 1."}),
-        "cfg_scale_end": ("FLOAT", {"default": q.cfg_scale, "min": 0.0, "max": 100.0, "step": 0.05,
-                                    "tooltip": "Prompt guidance at the last step (official s_cfg: Quality 7.5, "
-                                    "Fidelity 4)."}),
-        "control_scale_start": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
-                                          "tooltip": "How strongly the photo steers the first step (1 = official)."}),
-        "control_scale_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
-                                        "tooltip": "Control strength at the last step; below 1 (e.g. 0.9) gives the "
-                                        "model more freedom for detail."}),
-        "restore_cfg": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 20.0, "step": 0.1,
-                                  "tooltip": "Restoration guidance: pulls early steps toward x_center (higher = "
-                                  "closer to the input). -1 turns it off (official default)."}),
-        "s_churn": ("FLOAT", {"default": q.s_churn, "min": 0.0, "max": 40.0, "step": 0.5,
-                              "tooltip": "EDM: noise re-injected per step (official 5)."}),
-        "s_noise": ("FLOAT", {"default": q.s_noise, "min": 1.0, "max": 1.1, "step": 0.001,
-                              "tooltip": "Scale of the re-injected noise (official 1.003)."}),
-        "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
-                          "tooltip": "DPM++ 2M SDE: stochasticity (1 = full SDE, 0 = deterministic)."}),
-        "tiled": ("BOOLEAN", {"default": False, "tooltip": "Tiled sampling: bounded memory for large images, "
-                              "slower (each tile is a full model pass)."}),
-        "tile_size": ("INT", {"default": 1024, "min": 256, "max": 4096, "step": 64,
-                              "tooltip": "Sampler tile size in image pixels (official 1024)."}),
-        "tile_stride": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
-                                "tooltip": "Distance between tiles in image pixels (official 512; smaller = more "
-                                "overlap, fewer seams, slower)."}),
-        "tile_batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Tiles evaluated together: "
-                                    "faster on a big GPU, 1 uses least memory."}),
-    }
-
-
-class Sampler:
-    DESCRIPTION = ("SUPIR's restoration sampler: generates a clean latent from noise, steered by the control "
-                   "latent of the photo and the text conditioning.")
-    CATEGORY = CAT
-    FUNCTION = "sample"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The restored latent (unscaled, ComfyUI convention): SUPIR Decode or core VAE Decode.",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "supir": (SUPIR, {"tooltip": "From Load SUPIR."}),
-            "positive": (COND, {"tooltip": "From SUPIR Conditioner."}),
-            "negative": (COND, {"tooltip": "From SUPIR Conditioner."}),
-            "control_latent": ("LATENT", {"tooltip": "From SUPIR First Stage (a core VAE Encode latent works too)."}),
-            **sampler_inputs(),
-        }, "optional": {
-            "x_center": ("LATENT", {"tooltip": "Target of restoration guidance (SUPIR Encode of the stage-1 image); "
-                         "default: the control latent. Used only when restore_cfg > 0."}),
-        }}
-
-    def sample(self, supir, positive, negative, control_latent, seed, sampler, steps, cfg_scale_start, cfg_scale_end,
-               control_scale_start, control_scale_end, restore_cfg, s_churn, s_noise, eta, tiled, tile_size,
-               tile_stride, tile_batch_size, x_center=None):
-        settings = S.SamplerSettings(
-            sampler=S.SAMPLERS[sampler], steps=steps, seed=seed, cfg_scale_start=cfg_scale_start,
-            cfg_scale=cfg_scale_end, control_scale_start=control_scale_start, control_scale=control_scale_end,
-            restore_cfg=restore_cfg, s_churn=s_churn, s_noise=s_noise, eta=eta, tiled=tiled, tile_size=tile_size,
-            tile_stride=tile_stride, tile_batch_size=tile_batch_size)
-        hint = S.scaled_latent(control_latent)
-        center = S.scaled_latent(x_center) if x_center is not None else None
-        if center is not None and center.shape != hint.shape:
-            raise ValueError(f"x_center {tuple(center.shape)} and control_latent {tuple(hint.shape)} differ in shape; "
-                             "encode the stage-1 image of the same batch.")
-        z = S.sample_batch(supir, hint, center, positive, negative, settings)
-        return ({**S.latent_dict(z), **S.size_keys(control_latent)},)
+        z = IO.scaled_latent(latent)
+        s = _vae_settings(tiled_vae, decoder_tile_size=decoder_tile_size)
+        with comfy.Progress(max(z.shape[0], 1), "SUPIR decode") as bar:
+            x = E.decode(z, supir.model, s, IO.NodeCallbacks(bar, supir), IO.latent_work(latent),
+                         IO.latent_size(latent))
+        return (bchw_to_image(x),)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,12 +254,13 @@ class ColorFix:
             "image": ("IMAGE", {"tooltip": "The restored image."}),
             "reference": ("IMAGE", {"tooltip": "Colour reference (official: the stage-1 image); resized to the image "
                           "if needed; one for all or one per image."}),
-            "method": (list(S.COLOR_FIXES), {"default": "Wavelet", "tooltip": "Wavelet (official default), AdaIN, or "
+            "method": (list(E.COLOR_FIXES), {"default": "Wavelet", "tooltip": "Wavelet (official default), AdaIN, or "
                        "None (pass through)."}),
         }}
 
     def fix(self, image, reference, method):
-        return (S.color_fix_images(image, reference, method),)
+        out = E.color_fix_images(image_to_bchw(image), image_to_bchw(reference, "reference"), method)
+        return (bchw_to_image(out),)
 
 
 class Tiles:
@@ -394,11 +276,10 @@ class Tiles:
 
     @classmethod
     def INPUT_TYPES(cls):
-        spec = sampler_inputs()
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The image SUPIR will restore (e.g. the stage-1 image)."}),
-            "tile_size": spec["tile_size"],
-            "tile_stride": spec["tile_stride"],
+            "tile_size": TILE_SIZE_INPUT,
+            "tile_stride": TILE_STRIDE_INPUT,
         }, "optional": {
             "upscale_by": ("FLOAT", {"default": 1.0, "min": 0.25, "max": 8.0, "step": 0.05, "tooltip":
                            "1 when the image is already at its final size (step-by-step graph); SUPIR Restore's "
@@ -408,78 +289,17 @@ class Tiles:
         }}
 
     def tile(self, image, tile_size, tile_stride, upscale_by=1.0, min_short_side=0):
-        tiles, layout, rows, cols = S.cut_tiles(image_to_bchw(image), tile_size, tile_stride, upscale_by,
-                                                min_short_side)
-        return bchw_to_image(tiles), layout, rows * cols, rows, cols
-
-
-# --------------------------------------------------------------------------------------------
-# All in one
-# --------------------------------------------------------------------------------------------
-
-class Restore:
-    DESCRIPTION = ("Restores and upscales photos with SUPIR in one node: first stage, prompts (+ captions), "
-                   "sampling with an official preset, decoding and colour fix, tiling large images automatically.")
-    CATEGORY = CAT
-    FUNCTION = "restore"
-    INPUT_IS_LIST = True
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
-    OUTPUT_TOOLTIPS = ("The restored image(s), exactly round(input size x upscale_by).",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        spec = sampler_inputs()
-        return {"required": {
-            "supir": (SUPIR, {"tooltip": "From Load SUPIR."}),
-            "image": ("IMAGE", {"tooltip": "The photo(s) to restore."}),
-            "upscale_by": ("FLOAT", {"default": 2.0, "min": 0.25, "max": 8.0, "step": 0.05,
-                                     "tooltip": "Output size = round(input size x this)."}),
-            "preset": (list(S.PRESETS), {"default": "Quality", "tooltip": "Quality: EDM 50 steps, cfg 4 -> 7.5. "
-                       "Fidelity: EDM 50 steps, cfg 1 -> 4, closer to the input. Lightning (for SDXL Lightning "
-                       "finetunes): DPM++ 2M SDE 8 steps, cfg 2 (official with SUPIR-v0Q); Lightning Fidelity: cfg "
-                       "1.5 (official with v0F)."}),
-            "seed": spec["seed"],
-            "steps": ("INT", {"default": 0, "min": 0, "max": 500, "tooltip": "0 = the preset's steps."}),
-            "positive_prompt": ("STRING", {"multiline": True, "default": S.OFFICIAL_POSITIVE,
-                                           "tooltip": "Quality words appended to the caption."}),
-            "negative_prompt": ("STRING", {"multiline": True, "default": S.OFFICIAL_NEGATIVE,
-                                           "tooltip": "What to steer away from."}),
-            "min_short_side": ("INT", {"default": 1024, "min": 0, "max": 4096, "step": 64,
-                                       "tooltip": "Official rule: sample with the short side at least this many "
-                                       "pixels (SDXL works best near 1024), then resize to the output size. 0 = off."}),
-            "tiling": (["auto", "on", "off"], {"default": "auto", "tooltip": "Tiled sampling: auto tiles when the "
-                       "sampled image exceeds 1.5 x 1.5 tiles."}),
-            "tile_size": spec["tile_size"],
-            "tile_stride": spec["tile_stride"],
-            "color_fix": (list(S.COLOR_FIXES), {"default": "Wavelet", "tooltip": "Colour fix against the stage-1 "
-                          "image (official Wavelet)."}),
-            "tiled_vae": ("BOOLEAN", {"default": True, "tooltip": "Tiled VAE with whole-image normalisation "
-                          "(same result, bounded memory)."}),
-        }, "optional": {
-            "captions": ("STRING", {"forceInput": True, "tooltip": "Captions: one for all, one per image or one per "
-                         "sampler tile (a list, or one per line); added before the positive prompt."}),
-        }}
-
-    def restore(self, supir, image, upscale_by, preset, seed, steps, positive_prompt, negative_prompt,
-                min_short_side, tiling, tile_size, tile_stride, color_fix, tiled_vae, captions=None):
-        one = {k: _unlist(v) for k, v in dict(
-            upscale_by=upscale_by, preset=preset, seed=seed, steps=steps, positive_prompt=positive_prompt,
-            negative_prompt=negative_prompt, min_short_side=min_short_side, tiling=tiling, tile_size=tile_size,
-            tile_stride=tile_stride, color_fix=color_fix, tiled_vae=tiled_vae).items()}
-        parts = [image_to_bchw(i) for i in image] if isinstance(image, list) else [image_to_bchw(image)]
-        if len({tuple(p.shape[-2:]) for p in parts}) > 1:
-            raise ValueError(f"SUPIR Restore got {len(parts)} images of different sizes "
-                             f"({', '.join(f'{p.shape[-1]}x{p.shape[-2]}' for p in parts)}); one IMAGE holds one size: "
-                             "restore them in separate runs or resize them to one size first.")
-        images = torch.cat(parts)
-        options = S.RestoreOptions(
-            upscale=one["upscale_by"], min_short_side=one["min_short_side"], tiling=one["tiling"],
-            color_fix=one["color_fix"], tiled_vae=one["tiled_vae"], positive=one["positive_prompt"],
-            negative=one["negative_prompt"],
-            settings=S.with_settings(S.PRESETS[one["preset"]], seed=one["seed"], steps=one["steps"] or None,
-                                     tile_size=one["tile_size"], tile_stride=one["tile_stride"]))
-        return (bchw_to_image(S.restore(_unlist(supir), images, options, S.split_captions(captions))),)
+        s = E.settings(tile_size=int(tile_size), tile_stride=int(tile_stride), tiling="on", upscale_by=upscale_by,
+                       min_short_side=int(min_short_side))
+        tiles, windows, p = E.cut_tiles(image_to_bchw(image), s)
+        rows = len({win[0] for win in windows})
+        cols = len(windows) // rows
+        th, tw = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
+        boxes = " ".join(f"({h0},{h1},{w0},{w1})" for h0, h1, w0, w1 in windows)
+        layout = (f"{rows} rows x {cols} columns = {len(windows)} tiles of {tw}x{th} px per image, stride "
+                  f"{tile_stride} px, on the {p.internal[1]}x{p.internal[0]} px sampling grid; boxes "
+                  f"(top,bottom,left,right): {boxes}")
+        return bchw_to_image(tiles), layout, len(windows), rows, cols
 
 
 _NODES = {
@@ -488,11 +308,8 @@ _NODES = {
     "SupirFirstStage": (FirstStage, "SUPIR First Stage"),
     "SupirEncode": (Encode, "SUPIR Encode"),
     "SupirDecode": (Decode, "SUPIR Decode"),
-    "SupirConditioner": (Conditioner, "SUPIR Conditioner"),
-    "SupirSampler": (Sampler, "SUPIR Sampler"),
     "SupirColorFix": (ColorFix, "SUPIR Colour Fix"),
     "SupirTiles": (Tiles, "SUPIR Tiles"),
-    "SupirRestore": (Restore, "SUPIR Restore"),
 }
 NODE_CLASS_MAPPINGS = {f"{PREFIX}{k}": cls for k, (cls, _) in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {f"{PREFIX}{k}": name for k, (_, name) in _NODES.items()}

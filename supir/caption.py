@@ -7,7 +7,9 @@ with ``AutoProcessor`` + ``LlavaForConditionalGeneration`` / ``LlavaNextForCondi
 no remote code is ever run.
 
 Defaults follow the official agent: the question "Describe this image and its style in a very
-detailed manner.", the LLaVA-1.5 conversation ``USER: <image>\\n{question} ASSISTANT:``, sampling
+detailed manner.", LLaVA-1.5's official ``vicuna_v1`` conversation (the system sentence "A chat between a
+curious user and an artificial intelligence assistant. ...", then ``USER: <image>\\n{question} ASSISTANT:``;
+LLaVA-NeXT folders use their own chat template), sampling
 with temperature 0.2 and top-p 0.7 (greedy at temperature 0), 512 new tokens, and the image resized
 so its short side is 512 before the processor's own resize + centre crop. ``preprocess="pad"``
 pads the picture to a square instead (LLaVA's ``expand2square``) so the whole frame is seen.
@@ -15,15 +17,16 @@ pads the picture to a square instead (LLaVA's ``expand2square``) so the whole fr
 By default each picture is captioned on its own with the generator re-seeded, so a caption depends
 only on the picture and the settings, never on its position in a batch; ``batch_size`` > 1 captions
 several pictures per ``generate`` call (faster on a GPU; sampled captions then depend on the group).
-:func:`caption_tiles` cuts every picture with :func:`..tiles.pixel_windows` (the tiled sampler's
-grid and order) and captions each tile, so the list lines up with the sampler's per-tile
-conditioning.
+:func:`caption_tiles` cuts every picture exactly as the tiled sampler does (``pipeline.cut_tiles``: the
+picture padded to multiples of 64 px, the grid of :mod:`.tiles`, row-major) and captions each tile, so the list
+lines up with the sampler's per-tile conditioning.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +35,15 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
-from .tiles import LATENT_SCALE, pixel_windows
+from .callbacks import notify
+
+from ..weightfile import unpickling_reason, read_safetensors_header
 
 DEFAULT_QUESTION = "Describe this image and its style in a very detailed manner."
-LLAVA15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the user's questions.")
+# llava/conversation.py conv_vicuna_v1 (SeparatorStyle.TWO, sep " ") with one user turn and an open assistant turn
+LLAVA15_TEMPLATE = VICUNA_V1_SYSTEM + " USER: <image>\n{question} ASSISTANT:"
 CAPTION_SHORT_SIDE = 512  # the official pipeline captions the stage-1 image at short side 512
 FAMILIES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -144,13 +152,43 @@ def _quantization_config(quantization: str, dtype: torch.dtype, device: torch.de
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
+WEIGHT_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_weight_files(folder: Path) -> bool:
+    """Validate every ``*.safetensors`` header of a model folder with the pack's reader (ValueError naming
+    the file); True when the folder has safetensors weights (then only those are loaded)."""
+    tensors = sorted(folder.glob("*.safetensors"))
+    for path in tensors:
+        read_safetensors_header(path)
+    if not tensors and not any(p.suffix.lower() in WEIGHT_PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise ValueError(f"LLaVA folder '{folder}' has no weight files (model*.safetensors or pytorch_model*.bin); "
+                         f"it must be a complete Hugging Face-format folder, e.g. {EXAMPLE_FOLDER}.")
+    return bool(tensors)
+
+
+def _load_error(folder: Path, family: str, exc: BaseException) -> ValueError:
+    """A ValueError naming the folder, without transformers' or torch's advice to trust remote/pickled code."""
+    if isinstance(exc, pickle.UnpicklingError):
+        bins = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in WEIGHT_PICKLE_SUFFIXES)
+        reason = unpickling_reason(exc)
+        return ValueError(f"Could not load the LLaVA folder '{folder}' ({family}): its pickle weight file(s) "
+                          f"{bins} cannot be read: {reason}.")
+    text = str(exc).split("\n")[0][:500]
+    if "weights_only" in text or "trust_remote_code" in text:
+        text = type(exc).__name__
+    return ValueError(f"Could not load the LLaVA folder '{folder}' ({family}): {type(exc).__name__}: {text}")
+
+
 def load_llava(folder: str | Path, dtype: torch.dtype = torch.float16, quantization: str = "none",
                device: torch.device | str = "cpu") -> Llava:
     """Load a Hugging Face-format LLaVA (1.5 or NeXT) folder offline, in ``dtype``, onto ``device``.
 
     Unquantized weights load straight into ``dtype`` on ``device`` (normally the offload device; the
     host moves them to the GPU when captioning). 8-bit/4-bit need bitsandbytes and load onto the
-    CUDA ``device`` directly, where they stay.
+    CUDA ``device`` directly, where they stay. Nothing is downloaded and no code from the folder runs
+    (``local_files_only``, ``trust_remote_code=False``, safetensors preferred, pickles weights-only);
+    safetensors headers are validated first, and every failure is a ValueError naming the folder.
     """
     import transformers
 
@@ -159,14 +197,23 @@ def load_llava(folder: str | Path, dtype: torch.dtype = torch.float16, quantizat
     device = torch.device(device)
     quant = _quantization_config(quantization, dtype, device)
     model_cls = getattr(transformers, FAMILIES[family])
-    kwargs: dict[str, Any] = {"local_files_only": True, _dtype_kwarg(): dtype}
+    offline = {"local_files_only": True, "trust_remote_code": False}
+    kwargs: dict[str, Any] = {**offline, "use_safetensors": check_weight_files(folder), _dtype_kwarg(): dtype}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
     try:
-        processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+        processor = transformers.AutoProcessor.from_pretrained(folder, **offline)
         model = model_cls.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"Could not load the LLaVA folder '{folder}' ({family}): {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        raise _load_error(folder, family, exc) from None
+    except RuntimeError as exc:  # safetensors' SafetensorError, torch's zip reader; out-of-memory passes through
+        if "out of memory" in str(exc).lower():
+            raise
+        raise _load_error(folder, family, exc) from None
+    except Exception as exc:  # noqa: BLE001 - e.g. safetensors_rust.SafetensorError (an Exception subclass)
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise _load_error(folder, family, exc) from None
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise ValueError(f"'{folder}' has no complete LLaVA processor (tokenizer + image processor files).")
     model.eval().requires_grad_(False)
@@ -179,15 +226,16 @@ def load_llava(folder: str | Path, dtype: torch.dtype = torch.float16, quantizat
 # Prompt, pictures, output
 # --------------------------------------------------------------------------------------------
 
-def build_prompt(processor: Any, question: str, template: str = "") -> str:
-    """The text fed with one picture: an explicit ``{question}`` template, else the folder's chat
-    template, else the LLaVA-1.5 conversation (what llava-hf's 1.5 chat template also yields)."""
+def build_prompt(processor: Any, question: str, template: str = "", family: str | None = None) -> str:
+    """The text fed with one picture: an explicit ``{question}`` template; else for LLaVA-1.5 (``family``
+    "llava", or a folder without a chat template) the official ``vicuna_v1`` conversation the SUPIR agent
+    uses (llava-hf's own 1.5 chat template lacks its system sentence); else the folder's chat template."""
     if template:
         template = template.replace("\\n", "\n")  # a typed backslash-n in a one-line widget
         if "<image>" not in template:
             template = "<image>\n" + template
         return template.replace("{question}", question)
-    if getattr(processor, "chat_template", None):
+    if family != "llava" and getattr(processor, "chat_template", None):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
     return LLAVA15_TEMPLATE.format(question=question)
@@ -274,7 +322,7 @@ def caption_group(llava: Llava, images: Sequence[torch.Tensor | Image.Image], se
     tokenizer = processor.tokenizer
     mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
     pictures = [prepare_image(to_pil(im), settings.preprocess, settings.short_side, mean) for im in images]
-    prompt = build_prompt(processor, settings.question, settings.template)
+    prompt = build_prompt(processor, settings.question, settings.template, llava.family)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     try:
@@ -301,12 +349,6 @@ def caption_group(llava: Llava, images: Sequence[torch.Tensor | Image.Image], se
     return [clean_caption(t, specials) for t in texts]
 
 
-def caption_one(llava: Llava, image: torch.Tensor | Image.Image, settings: CaptionSettings,
-                callbacks: Any = None) -> str:
-    """Caption one picture ([3,H,W] in 0..1 or PIL) with ``llava`` on whatever device it sits."""
-    return caption_group(llava, [image], settings, callbacks)[0]
-
-
 def _pictures(images: torch.Tensor | Image.Image | Sequence[Image.Image]) -> list:
     if isinstance(images, Image.Image):
         return [images]
@@ -323,12 +365,10 @@ def _caption_all(llava: Llava, pictures: list, settings: CaptionSettings, callba
     captions: list[str] = []
     step = max(1, int(settings.batch_size))
     for i in range(0, len(pictures), step):
-        if callbacks is not None:
-            callbacks.check_interrupt()
+        notify(callbacks, "check_interrupt")
         group = pictures[i:i + step]
         captions += caption_group(llava, group, settings, callbacks)
-        if callbacks is not None:
-            callbacks.progress(len(captions), len(pictures), group[-1])  # the picture or tile just described
+        notify(callbacks, "progress", len(captions), len(pictures), group[-1])  # the picture or tile just described
     return captions
 
 
@@ -338,29 +378,34 @@ def caption_images(llava: Llava, images: torch.Tensor | Sequence[Image.Image], s
     return _caption_all(llava, _pictures(images), settings or CaptionSettings(), callbacks)
 
 
-def tile_crops(image: torch.Tensor | Image.Image, tile: int, stride: int) -> list:
-    """The tiles of one picture in the tiled sampler's order (:func:`..tiles.pixel_windows`); a
-    picture under 8 pixels on a side (no latent pixel) is one tile."""
-    if isinstance(image, Image.Image):
-        w, h = image.size
-        if min(h, w) < LATENT_SCALE:
-            return [image]
-        return [image.crop((w0, h0, w1, h1)) for h0, h1, w0, w1 in pixel_windows(h, w, tile, stride)]
-    h, w = image.shape[-2:]
-    if min(h, w) < LATENT_SCALE:
-        return [image]
-    return [image[..., h0:h1, w0:w1] for h0, h1, w0, w1 in pixel_windows(h, w, tile, stride)]
+def tile_pictures(images: torch.Tensor, tile: int, stride: int, max_megapixels: float = 0.0) -> torch.Tensor:
+    """The tiles of every picture of ``images`` ([B,3,H,W] in 0..1) exactly as the tiled sampler cuts them
+    (picture-major, tiles row by row; ``tile``/``stride`` in image pixels of the pictures given)."""
+    from .pipeline import cut_tiles, settings
+
+    s = settings(tile_size=int(tile), tile_stride=int(stride), tiling="on", max_megapixels=max_megapixels)
+    return cut_tiles(images if images.ndim == 4 else images.unsqueeze(0), s)[0]
 
 
-def caption_tiles(llava: Llava, images: torch.Tensor | Sequence[Image.Image], tile: int, stride: int,
-                  settings: CaptionSettings | None = None, callbacks: Any = None) -> list[str]:
+def tiles_per_picture(height: int, width: int, tile: int, stride: int, max_megapixels: float = 0.0) -> int:
+    """How many tiles :func:`tile_pictures` cuts from one picture of ``height x width`` (errors for a stride
+    larger than the tile, a too small picture or one over the size budget come here, before any work)."""
+    from .pipeline import plan, settings
+    from .tiles import image_windows
+
+    s = settings(tile_size=int(tile), tile_stride=int(stride), tiling="on", max_megapixels=max_megapixels)
+    return len(image_windows(*plan(s, height, width).internal, int(tile), int(stride)))
+
+
+def caption_tiles(llava: Llava, images: torch.Tensor, tile: int, stride: int, settings: CaptionSettings | None = None,
+                  callbacks: Any = None, max_megapixels: float = 0.0) -> list[str]:
     """One caption per tile per picture: picture-major, tiles in the sampler's row-major order.
 
     ``tile``/``stride`` are in image pixels of the pictures given, which must be the size the SUPIR
     tiled sampler works at for the captions to line up with its tiles.
     """
-    crops = [crop for picture in _pictures(images) for crop in tile_crops(picture, tile, stride)]
-    return _caption_all(llava, crops, settings or CaptionSettings(), callbacks)
+    crops = tile_pictures(images, tile, stride, max_megapixels)
+    return _caption_all(llava, _pictures(crops), settings or CaptionSettings(), callbacks)
 
 
 def generation_memory(llava: Llava, settings: CaptionSettings, prompt_tokens: int | None = None) -> int:

@@ -4,7 +4,7 @@ Both functions take ``content`` (the decoded sample) and ``style`` (the colour r
 float tensors ``[B, C, H, W]``; nothing is clamped.
 
 * ``adain``: per sample and channel, shift/scale the content to the style's mean and standard deviation
-  (unbiased variance + 1e-5).
+  (unbiased variance + 1e-5; a 1x1 image counts as variance 0 instead of the official's NaN).
 * ``wavelet``: keep the content's high frequencies (5 levels of a dilated 3x3 blur) and take the style's
   residual low band.
 
@@ -29,7 +29,8 @@ def _match_size(style: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
 def _mean_std(x: torch.Tensor, eps: float = ADAIN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     mean = flat.mean(dim=2)[..., None, None]
-    std = (flat.var(dim=2, unbiased=True) + eps).sqrt()[..., None, None]
+    # unbiased as the official; a one-pixel image has no spread (its unbiased variance would be 0/0 = NaN)
+    std = (flat.var(dim=2, unbiased=flat.shape[2] > 1) + eps).sqrt()[..., None, None]
     return mean, std
 
 

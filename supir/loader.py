@@ -8,9 +8,7 @@ target dtype and placed one at a time, so the peak memory is the final weights p
 """
 from __future__ import annotations
 
-import json
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterable, Mapping
@@ -19,153 +17,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..weightfile import DictSource, TensorSource, open_weights, read_weights
 from . import ops
 from .control import ADAPTER_CONFIG, SupirDiffusion, adapter_layout
 from .denoiser import SupirDenoiser
 from .unet import unet_config
-
-SCALE_FACTOR = 0.13025
+from .vae import SCALE_FACTOR
 IGNORED_KEYS = re.compile(r"(^|\.)(mask_LQ|denoiser\.sigmas|model_ema\.)")
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 SUPIR_PREFIXES = ("model.", "")
 
-# ---- reading tensors ----------------------------------------------------------------------------
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-if hasattr(torch, "float8_e4m3fn"):
-    _ST_DTYPES.update({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2})
-
-
-class TensorSource:
-    """Read-only access to the tensors of one file or dict, one tensor at a time."""
-
-    name: str
-
-    def keys(self) -> list[str]:
-        raise NotImplementedError
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def get(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: self.shape(k) for k in self.keys()}
-
-    def close(self) -> None:
-        pass
-
-
-class DictSource(TensorSource):
-    def __init__(self, sd: Mapping[str, Any], name: str = "state dict"):
-        self.sd, self.name = sd, name
-
-    def keys(self) -> list[str]:
-        return [k for k, v in self.sd.items() if isinstance(v, torch.Tensor)]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.sd[key].shape)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.sd[key]
-
-
-class SafetensorsSource(TensorSource):
-    """A ``.safetensors`` file read tensor by tensor with plain file reads (no mmap, no full copy)."""
-
-    def __init__(self, path: Path):
-        self.path, self.name = path, str(path)
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"{path}: not a safetensors file or truncated (header of {n} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{path}: corrupt safetensors header ({exc})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.entries = header
-        self.base = 8 + n
-        ends = [e["data_offsets"][1] for e in header.values()]
-        if ends and self.base + max(ends) > size:
-            cut = sorted(k for k, e in header.items() if self.base + e["data_offsets"][1] > size)
-            raise ValueError(f"{path}: file is truncated ({size} bytes, the header needs {self.base + max(ends)}); "
-                             f"{len(cut)} tensors are incomplete, e.g. {cut[:5]}")
-        self._file = open(path, "rb")
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
-
-    def get(self, key: str) -> torch.Tensor:
-        e = self.entries[key]
-        dtype = _ST_DTYPES.get(e["dtype"])
-        if dtype is None:
-            raise ValueError(f"{self.path}: tensor {key} has unsupported dtype {e['dtype']}")
-        start, end = e["data_offsets"]
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        self._file.seek(self.base + start)
-        if end > start:
-            got = self._file.readinto(memoryview(buf.numpy()))
-            if got != end - start:
-                raise ValueError(f"{self.path}: tensor {key} is truncated")
-        return buf.view(dtype).reshape(e["shape"])
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _unwrap(obj: Any, path: Path) -> dict:
-    for _ in range(2):
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return dict(obj)
-
+# ---- reading tensors: the pack's one weight-file reader (../weightfile.py) --------------------------
 
 def open_source(src: str | Path | Mapping | TensorSource, what: str = "checkpoint") -> TensorSource:
-    """A :class:`TensorSource` for a path (``.safetensors``, ``.ckpt``/``.pth``/``.pt``) or a state dict."""
-    if isinstance(src, TensorSource):
-        return src
-    if isinstance(src, Mapping):
-        return DictSource(_unwrap(src, Path(what)), what)
-    path = Path(src)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    if path.suffix.lower() == ".safetensors":
-        return SafetensorsSource(path)
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # legacy (non-zip) pickles cannot be memory-mapped
-            if "mmap" not in str(exc) and "zip" not in str(exc):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise ValueError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); "
-                         "is the file complete and a PyTorch/safetensors checkpoint?") from None
-    return DictSource(_unwrap(obj, path), str(path))
+    """A :class:`TensorSource` for a path (safetensors read tensor by tensor, pickles weights-only) or a state dict."""
+    return open_weights(src, what)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint file (safetensors or ``torch.load(weights_only=True)``)."""
-    src = open_source(path)
-    try:
-        return {k: src.get(k) for k in src.keys()}
-    finally:
-        src.close()
+    return read_weights(path)[0]
 
 
 # ---- detecting the configuration ----------------------------------------------------------------
@@ -271,9 +142,10 @@ def detect_adapter_config(sd: Mapping[str, Any], unet_cfg: dict) -> dict:
 
 
 def build_diffusion(unet_cfg: dict, adapter_cfg: dict | None = None, device: str | torch.device = "meta") -> SupirDiffusion:
-    """SupirDiffusion for a config (on the meta device by default: no memory until loaded)."""
+    """SupirDiffusion for a config (on the meta device by default: no memory until loaded), built from
+    casting layers (:mod:`.ops`) so that a host memory manager may load it partially."""
     with torch.device(device):
-        return SupirDiffusion(unet_cfg, adapter_cfg)
+        return ops.make_castable(SupirDiffusion(unet_cfg, adapter_cfg))
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -346,7 +218,11 @@ def materialize(model: nn.Module, sources: list[tuple[str, TensorSource, str]], 
                 device: str | torch.device = "cpu", compute_dtype: torch.dtype | None = None) -> None:
     """Fill a meta-device ``model`` tensor by tensor. ``sources``: (model key prefix, source, source prefix);
     the first whose model prefix matches a parameter name supplies it. Raises ValueError naming the file
-    for missing keys or wrong shapes."""
+    for missing keys or wrong shapes.
+
+    Storage dtype: ``dtype``, except that 16-bit float tensors of the file are never up-cast to a wider
+    ``dtype`` (:func:`ops.storage_dtype`): the casting layers compute in ``compute_dtype`` per call, so
+    fp32 compute from the published fp16 SDXL gives the same numbers with half the weight memory."""
     compute_dtype = compute_dtype or ops.default_compute_dtype(dtype)
     missing: dict[str, list[str]] = {}
     for name, p in list(model.named_parameters()):
@@ -365,7 +241,7 @@ def materialize(model: nn.Module, sources: list[tuple[str, TensorSource, str]], 
             raise ValueError(f"{src.name}: {key} has shape {list(shape)}, the detected architecture needs "
                              f"{list(p.shape)}")
         t = src.get(key)
-        target = ops.storage_dtype_for(name, t.ndim, dtype, compute_dtype)
+        target = ops.storage_dtype_for(name, t.ndim, ops.storage_dtype(t.dtype, dtype), compute_dtype)
         if t.dtype != target or torch.device(device) != t.device or isinstance(src, DictSource):
             t = t.to(device=device, dtype=target, copy=True)
         _set_param(model, name, t)
@@ -508,6 +384,10 @@ def _load_vae_text(sdxl, supir, vae_dtype, dtype, device, with_vae, with_text, a
                     vae = build_vae(vsd, dtype=vae_dtype, device=device)
                 except ValueError as exc:
                     raise ValueError(f"{s_src.name} / {p_src.name}: {exc}") from None
+                ops.make_castable(vae)
+                # whole-or-nothing for a host memory manager: the tiled VAE reads GroupNorm affines and
+                # its device/dtype from the parameters directly (activations, not weights, dominate)
+                vae.partial_load = False
         if with_text:
             tsd = LazyStateDict([(s_src, "conditioner.embedders.", "")])
             proj = "1.model.text_projection"
@@ -519,27 +399,9 @@ def _load_vae_text(sdxl, supir, vae_dtype, dtype, device, with_vae, with_text, a
                     text = build_text_conditioner(tsd, dtype=compute, device=device, size_embed_dim=size_dim)
                 except ValueError as exc:
                     raise ValueError(f"{s_src.name}: {exc}") from None
+                if text is not None:
+                    ops.make_castable(text)  # raw parameters remain (bigG): hosts load it whole
     finally:
         s_src.close()
         p_src.close()
     return vae, text
-
-
-def sdxl_state_dict_from_comfy(unet_sd: Mapping[str, torch.Tensor], vae_sd: Mapping[str, torch.Tensor] | None = None,
-                               clip_sd: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """An SGM-layout SDXL state dict (what :func:`load_supir` takes as ``sdxl``) from ComfyUI's parts:
-    the MODEL's UNet (``diffusion_model.*`` or bare ``input_blocks.*`` keys), ``VAE.get_sd()`` and
-    ``CLIP.get_sd()`` (``clip_l.*`` / ``clip_g.*``). Tensors are shared, not copied."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in unet_sd.items():
-        for p in ("model.diffusion_model.", "diffusion_model.", ""):
-            if k.startswith(p):
-                out["model.diffusion_model." + k[len(p):]] = v
-                break
-    for k, v in (vae_sd or {}).items():
-        out["first_stage_model." + k.removeprefix("first_stage_model.")] = v
-    if clip_sd:
-        from .text import comfy_clip_to_sgm
-
-        out.update({"conditioner.embedders." + k: v for k, v in comfy_clip_to_sgm(dict(clip_sd)).items()})
-    return out

@@ -1,10 +1,27 @@
-"""Layers whose stored weights may differ in dtype from the activations (fp16/bf16/fp8 storage).
+"""Layers whose stored weights may differ in dtype and device from the activations, honouring the
+casting contract of ComfyUI's ``comfy.ops`` (without importing ComfyUI).
 
-Each layer casts its parameters to the input's dtype at call time when they differ, so a model can
-keep float8_e4m3fn weights in memory and compute in bfloat16/float16/float32 ("per-layer up-cast").
-When storage and compute dtypes agree no copy is made.
+Official: SUPIR (SGM) uses plain ``torch.nn`` layers. Deliberately different: every Linear, Conv2d,
+GroupNorm, LayerNorm and Embedding of the pack's SUPIR networks casts its parameters at call time:
+
+* storage dtype != compute dtype (fp8 or fp16 storage, bf16/fp32 compute): the parameters are cast
+  to the input's dtype per call ("per-layer up-cast"); when storage and compute agree no copy is made;
+* the contract of ``comfy.ops`` casting layers: the attributes ``comfy_cast_weights`` (False) and
+  ``weight_function`` / ``bias_function`` (empty lists). A host memory manager (ComfyUI's
+  ``ModelPatcher.load(lowvram_model_memory=...)``, or 0.33's ``ModelPatcherDynamic``) leaves the
+  weights of modules that do not fit on the offload device, sets ``comfy_cast_weights = True`` and may
+  add weight functions (LoRA patches). Such a layer then casts per call through the host's caster
+  (:func:`set_host_caster`; ComfyUI's ``comfy.ops.cast_bias_weight``, which also streams dynamic-VRAM
+  weights) or, without a host, through :func:`plain_cast` (``.to(device, dtype)`` + the functions).
+
+:func:`make_castable` turns the plain ``torch.nn`` layers of an already built network into these
+classes in place (the classes add no state), so model code written with ``torch.nn`` needs no change.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,30 +57,13 @@ def default_compute_dtype(storage: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if is_fp8(storage) else storage
 
 
-def _cast(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    if p is None or (p.dtype == x.dtype and p.device == x.device):
-        return p
-    return p.to(device=x.device, dtype=x.dtype)
-
-
-class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
-
-
-class Conv2d(nn.Conv2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
-
-
-class GroupNorm(nn.GroupNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, self.num_groups, _cast(self.weight, x), _cast(self.bias, x), self.eps)
-
-
-class LayerNorm(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+def storage_dtype(file_dtype: torch.dtype, requested: torch.dtype) -> torch.dtype:
+    """The dtype a weight is kept in: the requested one, except that a 16-bit float from the file is
+    never up-cast to fp32/fp64 at load (the layers cast per call instead: same values, half the RAM)."""
+    if (requested.is_floating_point and file_dtype in (torch.float16, torch.bfloat16)
+            and torch.finfo(requested).bits > 16):
+        return file_dtype
+    return requested
 
 
 def storage_dtype_for(name: str, tensor_dim: int, dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
@@ -72,3 +72,170 @@ def storage_dtype_for(name: str, tensor_dim: int, dtype: torch.dtype, compute_dt
     if is_fp8(dtype) and tensor_dim < 2:
         return compute_dtype
     return dtype
+
+
+# ---- casting ------------------------------------------------------------------------------------
+
+Caster = Callable[[nn.Module, torch.Tensor], Any]  # (layer, input) -> context manager -> (weight, bias)
+_host_caster: Caster | None = None
+
+
+def set_host_caster(caster: Caster | None) -> None:
+    """Install the host's per-layer caster (None: :func:`plain_cast`). It is called as
+    ``with caster(layer, x) as (weight, bias)`` for layers with ``comfy_cast_weights`` or weight
+    functions, and must return the parameters on ``x``'s device in ``x``'s dtype."""
+    global _host_caster
+    _host_caster = caster
+
+
+def _cast(p: torch.Tensor | None, x: torch.Tensor, copy: bool = False) -> torch.Tensor | None:
+    if p is None or (not copy and p.dtype == x.dtype and p.device == x.device):
+        return p
+    return p.to(device=x.device, dtype=x.dtype, copy=copy)
+
+
+@contextlib.contextmanager
+def plain_cast(layer: nn.Module, x: torch.Tensor) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Weight and bias of ``layer`` on ``x``'s device and dtype, with ``weight_function`` /
+    ``bias_function`` applied (to a copy: the stored parameters are never modified)."""
+    wf, bf = layer.weight_function, layer.bias_function
+    weight = _cast(layer.weight, x, copy=bool(wf))
+    bias = _cast(layer.bias, x, copy=bool(bf))
+    for f in wf:
+        weight = f(weight)
+    if bias is not None:
+        for f in bf:
+            bias = f(bias)
+    yield weight, bias
+
+
+def cast_weights(layer: nn.Module, x: torch.Tensor):
+    """``with cast_weights(layer, x) as (weight, bias)``: the host's caster inside a memory manager,
+    else :func:`plain_cast`."""
+    if _host_caster is not None and layer.weight is not None:
+        return _host_caster(layer, x)
+    return plain_cast(layer, x)
+
+
+class CastWeightBiasOp:
+    """The attributes ComfyUI's memory manager looks for (``comfy.ops.CastWeightBiasOp``)."""
+
+    comfy_cast_weights = False
+    weight_function: list = []
+    bias_function: list = []
+
+    def _host_managed(self) -> bool:
+        return self.comfy_cast_weights or len(self.weight_function) > 0 or len(self.bias_function) > 0
+
+
+class Linear(nn.Linear, CastWeightBiasOp):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._host_managed():
+            with cast_weights(self, x) as (w, b):
+                return F.linear(x, w, b)
+        return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
+
+
+class Conv2d(nn.Conv2d, CastWeightBiasOp):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._host_managed():
+            with cast_weights(self, x) as (w, b):
+                return self._conv_forward(x, w, b)
+        return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
+
+
+class GroupNorm(nn.GroupNorm, CastWeightBiasOp):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._host_managed():
+            with cast_weights(self, x) as (w, b):
+                return F.group_norm(x, self.num_groups, w, b, self.eps)
+        return F.group_norm(x, self.num_groups, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+
+
+class LayerNorm(nn.LayerNorm, CastWeightBiasOp):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._host_managed():
+            with cast_weights(self, x) as (w, b):
+                return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        return F.layer_norm(x, self.normalized_shape, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+
+
+class Embedding(nn.Embedding, CastWeightBiasOp):
+    """Looks up in the stored dtype (ids carry no dtype), on the ids' device."""
+
+    bias = None  # the casting contract reads ``layer.bias``
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self._host_managed() or weight.device != ids.device:
+            like = torch.empty((), device=ids.device, dtype=weight.dtype)
+            with cast_weights(self, like) as (weight, _):
+                pass
+        return F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+CASTABLE: dict[type, type] = {nn.Linear: Linear, nn.Conv2d: Conv2d, nn.GroupNorm: GroupNorm,
+                              nn.LayerNorm: LayerNorm, nn.Embedding: Embedding}
+
+
+def make_castable(model: nn.Module) -> nn.Module:
+    """Turn every plain ``torch.nn`` Linear / Conv2d / GroupNorm / LayerNorm / Embedding of ``model``
+    into the casting layer of this module, in place (exact class match only: subclasses with their own
+    forward are left alone). Returns ``model``."""
+    for m in model.modules():
+        new = CASTABLE.get(type(m))
+        if new is not None:
+            m.__class__ = new
+    return model
+
+
+def partial_load_safe(model: nn.Module) -> bool:
+    """True when a memory manager may leave any layer's weights on the offload device: every parameter
+    belongs to a casting layer, and no module opted out with ``partial_load = False``."""
+    for m in model.modules():
+        if getattr(m, "partial_load", True) is False:
+            return False
+        own = list(m.parameters(recurse=False))
+        if own and not isinstance(m, CastWeightBiasOp):
+            return False
+    return True
+
+
+def cast_layer_count(model: nn.Module) -> int:
+    """How many layers currently cast per call (``comfy_cast_weights`` set by a memory manager)."""
+    return sum(1 for m in model.modules() if isinstance(m, CastWeightBiasOp) and m.comfy_cast_weights)
+
+
+def load_partially(model: nn.Module, device: torch.device | str, budget_bytes: int) -> dict:
+    """A plain-torch partial load (what ComfyUI's lowvram mode does, for use without ComfyUI): move the
+    largest casting layers to ``device`` while their weights fit in ``budget_bytes``; every other casting
+    layer keeps its weights where they are (CPU, pinned when possible) with ``comfy_cast_weights`` set,
+    so each call casts them to the device. Parameters outside casting layers and buffers always move.
+    Returns ``{"loaded": bytes, "streamed": bytes, "cast_layers": n}``."""
+    device = torch.device(device)
+    layers = [m for m in model.modules() if isinstance(m, CastWeightBiasOp)]
+    size = {id(m): sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in layers}
+    used = streamed = 0
+    cast = 0
+    for m in sorted(layers, key=lambda m: -size[id(m)]):
+        if used + size[id(m)] <= budget_bytes:
+            m.to(device)
+            used += size[id(m)]
+            m.comfy_cast_weights = False
+        else:
+            if device.type == "cuda":
+                for name, p in list(m.named_parameters(recurse=False)):
+                    if p.device.type == "cpu" and not p.is_pinned():
+                        m._parameters[name] = nn.Parameter(p.data.pin_memory(), requires_grad=False)
+            m.comfy_cast_weights = True
+            streamed += size[id(m)]
+            cast += 1
+    for m in model.modules():
+        if not isinstance(m, CastWeightBiasOp):
+            for name, p in list(m.named_parameters(recurse=False)):
+                m._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=False)
+                used += p.numel() * p.element_size()
+            for name, b in list(m.named_buffers(recurse=False)):
+                m._buffers[name] = b.to(device)
+    return {"loaded": used, "streamed": streamed, "cast_layers": cast}

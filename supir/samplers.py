@@ -13,6 +13,10 @@ or ``brownian_noise(...)``). ``callbacks`` (or ``None``) gets ``check_interrupt(
 Official quirks kept on purpose: CFG sees the churned ``sigma_hat`` while restoration guidance and the linear
 control scale see the un-churned ``sigma``; the Euler step uses ``sigma_hat`` unquantised; the DPM++ sampler
 adds no noise on its first step. Unlike the reference, the caller's tensors are never modified in place.
+
+Deliberately different: the official RestoreDPMPP2MSampler ignores restoration guidance and the linear control
+scale (its ``denoise`` passes neither ``x_center`` nor a schedule); here DPM++ applies both like RestoreEDM, so
+``restore_cfg`` and ``control_scale_start`` mean the same with either sampler (the node tooltips say so).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .callbacks import notify
 from .schedules import Guidance, cfg_at, churn_gamma, control_scale_at, restoration_weight
 
 log = logging.getLogger(__name__)
@@ -148,13 +153,6 @@ def dpmpp_2m_sde_step(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, 
     return x, denoised
 
 
-def _call(callbacks, name: str, *args, **kwargs) -> None:
-    """Call ``callbacks.<name>`` if there is one (``None`` and missing methods are no-ops)."""
-    fn = getattr(callbacks, name, None)
-    if fn is not None:
-        fn(*args, **kwargs)
-
-
 def _per_batch(sigmas: torch.Tensor, x: torch.Tensor) -> Callable[[int], torch.Tensor]:
     sig = sigmas.to(x.device, torch.float32)
     ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
@@ -175,11 +173,11 @@ def restore_edm_sample(denoiser: Denoiser, noise: torch.Tensor, sigmas: torch.Te
     at = _per_batch(sigmas, noise)
     x = noise.float() * torch.sqrt(1.0 + at(0)[:1] ** 2)
     for i in range(n):
-        _call(callbacks, "check_interrupt")
+        notify(callbacks, "check_interrupt")
         eps = noise_source(x, at(i), at(i + 1)) if gamma > 0 else None
         x, denoised = edm_step(denoiser, x, at(i), at(i + 1), gamma, s_noise, eps, cond, uncond, hint, x_center, g)
-        _call(callbacks, "step_done", i, x)
-        _call(callbacks, "progress", i + 1, n, preview=denoised)
+        notify(callbacks, "step_done", i, x)
+        notify(callbacks, "progress", i + 1, n, preview=denoised)
     return x
 
 
@@ -198,13 +196,13 @@ def restore_dpmpp_2m_sde_sample(denoiser: Denoiser, noise: torch.Tensor, sigmas:
     x = noise.float() * torch.sqrt(1.0 + at(0)[:1] ** 2)
     old, h_last = None, None
     for i in range(n):
-        _call(callbacks, "check_interrupt")
+        notify(callbacks, "check_interrupt")
         eps = noise_source(x, at(i), at(i + 1)) if i > 0 and sigmas[i + 1] > 0 else None
         x, denoised = dpmpp_2m_sde_step(denoiser, x, at(i), at(i + 1), old, h_last, eta, s_noise, eps,
                                         cond, uncond, hint, x_center, g)
         if sigmas[i + 1] > 0:
             h_last = (at(i).log() - at(i + 1).log()).view(-1, 1, 1, 1)
         old = denoised
-        _call(callbacks, "step_done", i, x)
-        _call(callbacks, "progress", i + 1, n, preview=denoised)
+        notify(callbacks, "step_done", i, x)
+        notify(callbacks, "progress", i + 1, n, preview=denoised)
     return x

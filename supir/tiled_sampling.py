@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from .samplers import (Denoiser, NoiseSource, _call, _per_batch, brownian_noise, dpmpp_2m_sde_step, edm_step,
+from .callbacks import notify
+from .samplers import (Denoiser, NoiseSource, _per_batch, brownian_noise, dpmpp_2m_sde_step, edm_step,
                        gaussian_noise, rows)
 from .schedules import Guidance, churn_gamma
 from .tiles import tile_windows
@@ -94,7 +95,7 @@ def tiled_restore_edm_sample(denoiser: Denoiser, noise: torch.Tensor, sigmas: to
     at = _per_batch(sigmas, noise)
     x = noise.float() * torch.sqrt(1.0 + at(0)[:1] ** 2)
     for i in range(n):
-        _call(callbacks, "check_interrupt")
+        notify(callbacks, "check_interrupt")
         eps = noise_source(x, at(i), at(i + 1))  # drawn every step, like the reference
 
         def step(t: dict, c: dict, u: dict) -> dict:
@@ -107,8 +108,8 @@ def tiled_restore_edm_sample(denoiser: Denoiser, noise: torch.Tensor, sigmas: to
         out = blend_tiles(step, {"x": x, "eps": eps, "hint": hint, "x_center": x_center}, windows, conds, uncond,
                           tile_batch_size)
         x = out["x"]
-        _call(callbacks, "step_done", i, x)
-        _call(callbacks, "progress", i + 1, n, preview=out["denoised"])
+        notify(callbacks, "step_done", i, x)
+        notify(callbacks, "progress", i + 1, n, preview=out["denoised"])
     return x
 
 
@@ -128,7 +129,7 @@ def tiled_restore_dpmpp_2m_sde_sample(denoiser: Denoiser, noise: torch.Tensor, s
     x = noise.float() * torch.sqrt(1.0 + at(0)[:1] ** 2)
     old, h_last = None, None
     for i in range(n):
-        _call(callbacks, "check_interrupt")
+        notify(callbacks, "check_interrupt")
         eps = noise_source(x, at(i), at(i + 1)) if i > 0 and sigmas[i + 1] > 0 else None
 
         def step(t: dict, c: dict, u: dict) -> dict:
@@ -143,6 +144,6 @@ def tiled_restore_dpmpp_2m_sde_sample(denoiser: Denoiser, noise: torch.Tensor, s
         x, old = out["x"], out["denoised"]
         if sigmas[i + 1] > 0:
             h_last = (at(i)[:1].log() - at(i + 1)[:1].log()).view(-1, 1, 1, 1)
-        _call(callbacks, "step_done", i, x)
-        _call(callbacks, "progress", i + 1, n, preview=old)
+        notify(callbacks, "step_done", i, x)
+        notify(callbacks, "progress", i + 1, n, preview=old)
     return x

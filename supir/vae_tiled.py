@@ -13,14 +13,19 @@ pooled values. Each finished tile is cropped to its output box. Receptive fields
 at tile borders and the pooled variance ignores the spread between tiles, so the output differs from
 the untiled network; this mode exists to reproduce the official results.
 
-``norm="exact"`` (default) -- the program runs operation by operation over whole maps kept on the
-staging device (CPU by default). Spatial operations (3x3 convolutions, down/upsampling) are computed
-tile by tile on the network's device from input tiles grown by the operation's halo, and the pointwise
-operations around them (GroupNorm with whole-map statistics, SiLU, residual adds) are fused into the
-same pass. GroupNorm statistics are accumulated per tile (mean and centred sum of squares, merged in
-float64 with Chan's formula). The mid attention is global: keys and values of the whole (latent
-resolution) map are gathered on the device, queries run tile by tile. The result equals the untiled
-network within float tolerance.
+``norm="exact"`` (default) -- equal to the untiled network within float tolerance, with bounded host
+memory. The program is cut into pieces (one ResnetBlock each, with a following downsample; the mid
+attention; an upsample opens the next piece so its large output is never kept). Only each piece's
+input and output maps are kept whole, on the staging device (CPU by default). Inside a piece every
+output tile is recomputed from the piece's input, grown by exactly the halo its 3x3 convolutions and
+resampling need (zero padding only at the true image border), on the network's device. A GroupNorm
+inside a piece first gets its whole-map statistics from one pass over tiles of its input, recomputed
+the same way and dropped (mean and centred sum of squares per tile, merged in float64 with Chan's
+formula); the statistics of a piece's output are gathered while it is written. The mid attention is
+global: keys and values of the whole (latent resolution) map are gathered on the device, queries run
+tile by tile. Cost: the first convolution of a block runs twice (an upsample three times). Host
+memory: at most two whole maps of one level plus a few tiles (the untiled network holds three to five
+maps at its largest level).
 
 Tile sizes: image pixels for the encoders, latent pixels for the decoder (as the official).
 ``callbacks`` (duck-typed ``progress(step, total, preview=None)`` / ``check_interrupt()``) may be None.
@@ -35,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vae import GN_GROUPS, AttnBlock, Decoder, Encoder, ResnetBlock
+from .vae_blocks import GN_GROUPS, AttnBlock, Decoder, Encoder, ResnetBlock
 
 ENCODER_PAD = 32
 DECODER_PAD = 11
+ATTN_SCORE_BYTES = 64 * 2 ** 20  # exact mode: bound on one chunk of attention scores
 
 
 # ---- the program ---------------------------------------------------------------------------------
@@ -297,65 +303,170 @@ def _norm_fn(gn: nn.GroupNorm, stats: _Stats, device) -> Callable[[torch.Tensor]
     mean = mean.to(device, torch.float32)
     rstd = torch.rsqrt(var + gn.eps).to(device, torch.float32)
 
-    def apply(t: torch.Tensor) -> torch.Tensor:
+    def apply(t: torch.Tensor) -> torch.Tensor:  # a new tensor (t is never modified); in place after that
         b, c = t.shape[:2]
-        y = (t.float().reshape(b, GN_GROUPS, -1) - mean[..., None]) * rstd[..., None]
-        y = y.reshape(t.shape) * gn.weight.float().reshape(1, c, 1, 1) + gn.bias.float().reshape(1, c, 1, 1)
+        y = t.float().reshape(b, GN_GROUPS, -1) - mean[..., None]
+        y = y.mul_(rstd[..., None]).reshape(t.shape)
+        y = y.mul_(gn.weight.float().reshape(1, c, 1, 1)).add_(gn.bias.float().reshape(1, c, 1, 1))
         return y.to(t.dtype)
 
     return apply
 
 
+Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (end exclusive) in one map's pixels
+
+
+def _sizes(ops: list[Op], h: int, w: int) -> list[tuple[int, int]]:
+    """Map size at the input of each op, and (last) at the output."""
+    sizes = [(h, w)]
+    for op in ops:
+        if op.kind == "down":
+            h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+        elif op.kind == "up":
+            h, w = 2 * h, 2 * w
+        sizes.append((h, w))
+    return sizes
+
+
+def _need(op: Op, o0: int, o1: int, n: int) -> tuple[int, int]:
+    """Input rows (of a map with n rows) that output rows [o0, o1) of ``op`` read."""
+    if op.kind == "conv":
+        p = op.module.kernel_size[0] // 2
+        return max(o0 - p, 0), min(o1 + p, n)
+    if op.kind == "down":  # pad 1 at the end, 3x3 stride 2: output i reads 2i .. 2i+2
+        return 2 * o0, min(2 * o1 + 1, n)
+    if op.kind == "up":  # nearest x2 then 3x3: output j reads upsampled j-1 .. j+1
+        return max((o0 - 1) // 2, 0), min(o1 // 2 + 1, n)
+    return o0, o1
+
+
+def _plan(ops: list[Op], sizes: list[tuple[int, int]], box: Box) -> list[Box]:
+    """``boxes[k]``: the region of the map at the input of ``ops[k]`` a tile must hold to produce
+    ``box`` of the output exactly (``boxes[-1] == box``); residuals widen the box at their store."""
+    boxes: list[Box] = [box] * (len(ops) + 1)
+    pending: list[Box] = []
+    for k in reversed(range(len(ops))):
+        op, b = ops[k], boxes[k + 1]
+        h, w = sizes[k]
+        if op.kind == "add":
+            pending.append(b)
+            boxes[k] = b
+        elif op.kind == "store":
+            r = pending.pop() if pending else b  # a prefix may end before its residual add
+            boxes[k] = (min(b[0], r[0]), max(b[1], r[1]), min(b[2], r[2]), max(b[3], r[3]))
+        else:
+            boxes[k] = (*_need(op, b[0], b[1], h), *_need(op, b[2], b[3], w))
+    return boxes
+
+
+def _cut(t: torch.Tensor, have: Box, want: Box) -> torch.Tensor:
+    y, x = want[0] - have[0], want[2] - have[2]
+    out = t[:, :, y:y + want[1] - want[0], x:x + want[3] - want[2]]
+    assert out.shape[2:] == (want[1] - want[0], want[3] - want[2]), "tiled VAE: tile geometry error"
+    return out
+
+
+def _segments(ops: list[Op]) -> list[tuple[str, list[Op]]]:
+    """The program cut where whole maps are kept: after every ResnetBlock (with a following
+    downsample, which shrinks the map), around the global attention, before the output head.
+    An upsample starts the next piece, so its (large) output is never kept whole."""
+    out: list[tuple[str, list[Op]]] = []
+    cur: list[Op] = []
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        if op.kind == "store" and i + 2 < len(ops) and ops[i + 2].kind == "attn":
+            if cur:
+                out.append(("stream", cur))
+                cur = []
+            out.append(("attn", ops[i:i + 4]))
+            i += 4
+            continue
+        cur.append(op)
+        if op.kind == "add":
+            if i + 1 < len(ops) and ops[i + 1].kind == "down":
+                cur.append(ops[i + 1])
+                i += 1
+            out.append(("stream", cur))
+            cur = []
+        i += 1
+    if cur:
+        out.append(("stream", cur))
+    return out
+
+
 class _ExactRunner:
+    """Runs the program piece by piece (:func:`_segments`); only each piece's input and output maps
+    are kept whole (on the staging device). Inside a piece every tile is recomputed from the piece's
+    input with the halo it needs (:func:`_plan`); a GroupNorm inside a piece first gets its whole-map
+    statistics from one pass over tiles of its input, recomputed the same way and then dropped."""
+
     def __init__(self, net: nn.Module, tile: int, in_h: int, in_w: int, staging, callbacks):
         self.net, self.tile, self.in_h, self.in_w, self.staging = net, tile, in_h, in_w, staging
         self.device = next(net.parameters()).device
         self.cb = callbacks
 
-    def boxes(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+    def boxes(self, h: int, w: int) -> list[Box]:
         """Output tiles of a map of size h x w: the requested tile scaled to this map's resolution."""
         side_h = max(math.ceil(self.tile * h / self.in_h), 8)
         side_w = max(math.ceil(self.tile * w / self.in_w), 8)
         return [(y0, y1, x0, x1) for y0, y1 in _grid(h, side_h) for x0, x1 in _grid(w, side_w)]
 
-    def spatial(self, op: Op, src: _Map, pre: list, res: tuple | None, want_stats: bool) -> _Map:
-        """One streaming pass: out = op(pre(src)) (+ shortcut(res)), tile by tile with halos."""
-        x = src.data
-        b, _, h, w = x.shape
-        # (output size, output -> input coordinate map, halo in input pixels)
-        if op.kind == "conv":
-            k = op.module.kernel_size[0]
-            halo, oh, ow = k // 2, h, w
-            to_in, from_in = (lambda v: v), (lambda v: v)
-        elif op.kind == "down":
-            halo, oh, ow = 2, (h - 2) // 2 + 1, (w - 2) // 2 + 1
-            to_in, from_in = (lambda v: 2 * v), (lambda v: v // 2)
-        elif op.kind == "up":
-            halo, oh, ow = 1, 2 * h, 2 * w
-            to_in, from_in = (lambda v: v // 2), (lambda v: 2 * v)
-        else:
-            raise ValueError(op.kind)
-        out = None
-        stats = _Stats() if want_stats else None
-        for y0, y1, x0, x1 in self.boxes(oh, ow):
-            iy0, ix0 = max(to_in(y0) - halo, 0), max(to_in(x0) - halo, 0)
-            iy1, ix1 = min(to_in(y1 - 1) + 1 + halo, h), min(to_in(x1 - 1) + 1 + halo, w)
-            t = x[:, :, iy0:iy1, ix0:ix1].to(self.device)
-            for f in pre:
-                t = f(t)
-            t = op.module(t)
-            oy, ox = y0 - from_in(iy0), x0 - from_in(ix0)
-            t = t[:, :, oy:oy + (y1 - y0), ox:ox + (x1 - x0)]
-            assert t.shape[2:] == (y1 - y0, x1 - x0), "tiled VAE: tile geometry error"
-            if res is not None:
-                r_map, r_fn = res
-                r = r_map.data[:, :, y0:y1, x0:x1].to(self.device)
-                t = t + (r if r_fn is None else r_fn(r))
+    def _tile(self, ops: list[Op], sizes, src: torch.Tensor, box: Box, norms: dict) -> torch.Tensor:
+        """``box`` of the map after ``ops``, computed from the piece's input ``src`` (whole map)."""
+        plan = _plan(ops, sizes, box)
+        have = plan[0]
+        t = src[:, :, have[0]:have[1], have[2]:have[3]].to(self.device)
+        saved: list[tuple[torch.Tensor, Box]] = []
+        for k, op in enumerate(ops):
+            if op.kind == "norm":
+                t = norms[k](t)
+            elif op.kind == "silu":  # in place on the fresh output of the norm before it
+                t = F.silu(t, inplace=k > 0 and ops[k - 1].kind == "norm")
+            elif op.kind == "store":
+                saved.append((t if op.module is None else op.module(t), have))
+            elif op.kind == "add":
+                r, r_box = saved.pop()
+                t = t.add_(_cut(r, r_box, have))  # t: the fresh output of the convolution before
+            else:  # conv / down / up
+                t = _cut(t, have, plan[k])
+                have = plan[k]
+                t = op.module(t)
+                if op.kind == "down":
+                    start = (have[0] // 2, have[2] // 2)
+                elif op.kind == "up":
+                    start = (2 * have[0], 2 * have[2])
+                else:
+                    start = (have[0], have[2])
+                n_h, n_w = t.shape[2:]
+                t = _cut(t, (start[0], start[0] + n_h, start[1], start[1] + n_w), plan[k + 1])
+                have = plan[k + 1]
+        return _cut(t, have, box)
+
+    def stream(self, ops: list[Op], src: _Map) -> _Map:
+        """One piece without attention: statistics passes for its inner norms, then the output pass."""
+        h, w = src.data.shape[2:]
+        sizes = _sizes(ops, h, w)
+        norms: dict[int, Callable] = {}
+        for k, op in enumerate(ops):
+            if op.kind != "norm":
+                continue
+            if all(o.kind == "store" for o in ops[:k]):
+                stats = src.stats  # the norm reads the piece's input map
+            else:
+                stats = _Stats()
+                for box in self.boxes(*sizes[k]):
+                    stats.add(self._tile(ops[:k], sizes, src.data, box, norms))
+                    self.cb.tick()
+            norms[k] = _norm_fn(op.module, stats, self.device)
+        oh, ow = sizes[-1]
+        out, stats = None, _Stats()
+        for box in self.boxes(oh, ow):
+            t = self._tile(ops, sizes, src.data, box, norms)
             if out is None:
-                out = torch.empty(b, t.shape[1], oh, ow, dtype=t.dtype, device=self.staging)
-            out[:, :, y0:y1, x0:x1] = t.to(self.staging)
-            if stats is not None:
-                stats.add(t)
+                out = torch.empty(t.shape[0], t.shape[1], oh, ow, dtype=t.dtype, device=self.staging)
+            out[:, :, box[0]:box[1], box[2]:box[3]] = t.to(self.staging)
+            stats.add(t)
             self.cb.tick()
         return _Map(out, stats)
 
@@ -372,7 +483,7 @@ class _ExactRunner:
             keys.append(AttnBlock.tokens(attn.k(t)))
             values.append(AttnBlock.tokens(attn.v(t)))
             self.cb.tick()
-        k, v = torch.cat(keys, 2), torch.cat(values, 2)
+        k, v = torch.cat(keys, 2).contiguous(), torch.cat(values, 2).contiguous()
         del keys, values
         out = torch.empty_like(x, device=self.staging)
         stats = _Stats()
@@ -380,8 +491,13 @@ class _ExactRunner:
             t = x[:, :, y0:y1, x0:x1].to(self.device)
             for f in pre:
                 t = f(t)
-            q = AttnBlock.tokens(attn.q(t))
-            o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(t.shape)
+            q = AttnBlock.tokens(attn.q(t)).contiguous()  # last-dim stride 1: the fused (flash) kernel
+            # query rows in chunks: exact (softmax is per row) and the score matrix stays bounded even
+            # where attention falls back to materialising it (the keys span the whole map)
+            rows = max(ATTN_SCORE_BYTES // (k.shape[2] * k.element_size() * 2), 1)
+            o = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v)
+                           for i in range(0, q.shape[2], rows)], 2)
+            o = o.squeeze(1).transpose(1, 2).reshape(t.shape)
             o = attn.proj_out(o)
             if res is not None:
                 r_map, r_fn = res
@@ -393,52 +509,29 @@ class _ExactRunner:
         return _Map(out, stats)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        ops = build_program(self.net)
         cur = _Map(x.to(self.staging))
-        pre: list = []
-        res: tuple | None = None
-        i = 0
-        while i < len(ops):
-            op = ops[i]
-            if op.kind == "norm":
-                if pre or cur.stats is None:
-                    raise RuntimeError("tiled VAE: a norm must follow a materialised map")
-                pre.append(_norm_fn(op.module, cur.stats, self.device))
-            elif op.kind == "silu":
-                pre.append(F.silu)
-            elif op.kind == "store":
-                res = (cur, op.module)
-            elif op.kind in ("conv", "down", "up", "attn"):
-                fuse_add = i + 1 < len(ops) and ops[i + 1].kind == "add"
-                want_stats = i + 1 + fuse_add < len(ops)
-                use_res = res if fuse_add else None
-                if op.kind == "attn":
-                    cur = self.attention(op.module, cur, pre, use_res)
-                else:
-                    cur = self.spatial(op, cur, pre, use_res, want_stats)
-                pre = []
-                if fuse_add:
-                    res = None
-                    i += 1
+        for kind, ops in _segments(build_program(self.net)):
+            if kind == "attn":  # store, norm, attn, add
+                store, norm = ops[0], ops[1]
+                pre = [_norm_fn(norm.module, cur.stats, self.device)]
+                cur = self.attention(ops[2].module, cur, pre, (cur, store.module))
             else:
-                raise RuntimeError(f"tiled VAE: unexpected operation {op.kind}")
-            i += 1
+                cur = self.stream(ops, cur)
         return cur.data
 
     def passes(self) -> int:
         """How many tile steps :meth:`run` makes (for progress reporting)."""
         h, w, total = self.in_h, self.in_w, 0
-        for op in build_program(self.net):
-            if op.kind == "conv":
-                total += len(self.boxes(h, w))
-            elif op.kind == "down":
-                h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
-                total += len(self.boxes(h, w))
-            elif op.kind == "up":
-                h, w = 2 * h, 2 * w
-                total += len(self.boxes(h, w))
-            elif op.kind == "attn":
+        for kind, ops in _segments(build_program(self.net)):
+            sizes = _sizes(ops, h, w)
+            if kind == "attn":
                 total += 2 * len(self.boxes(h, w))
+            else:
+                for k, op in enumerate(ops):
+                    if op.kind == "norm" and not all(o.kind == "store" for o in ops[:k]):
+                        total += len(self.boxes(*sizes[k]))
+                total += len(self.boxes(*sizes[-1]))
+            h, w = sizes[-1]
         return total
 
 

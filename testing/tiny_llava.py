@@ -108,10 +108,14 @@ def save_llava(folder: Path, family: str, seed: int, **size: int) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
+PUBLISHED_LLAVA = "llava-1.5-7b-hf"  # the folder name example workflows use (llava-hf/llava-1.5-7b-hf)
+
+
 def write_tiny_llava(models_dir: Path, seed: int) -> list[Path]:
-    """``models/LLM/llava-tiny`` (LLaVA-1.5) and ``models/LLM/llava-next-tiny`` (LLaVA-NeXT)."""
+    """``models/LLM/llava-1.5-7b-hf`` (a tiny LLaVA-1.5 under the published folder name) and
+    ``models/LLM/llava-next-tiny`` (LLaVA-NeXT)."""
     llm = Path(models_dir) / "LLM"
-    return save_llava(llm / "llava-tiny", "llava", seed) + save_llava(llm / "llava-next-tiny", "llava_next", seed + 1)
+    return save_llava(llm / PUBLISHED_LLAVA, "llava", seed) + save_llava(llm / "llava-next-tiny", "llava_next", seed + 1)
 
 
 WRITERS = {"llava": write_tiny_llava}

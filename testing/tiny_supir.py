@@ -5,6 +5,9 @@ UNet, ``first_stage_model.*`` VAE and ``conditioner.embedders.*`` text encoders;
 ``testing/tiny_supir_parts.py``).
 ``models/checkpoints/tiny_supir_v0.safetensors``: float32 SUPIR-v0 checkpoint (``model.control_model.*``,
 ``model.diffusion_model.project_modules.*``, ``first_stage_model.denoise_encoder.*``).
+``write_all`` (the registered writer) puts the same weights under the published names the example
+workflows use: ``sd_xl_base_1.0.safetensors``, and ``SUPIR-v0Q.ckpt`` as a flat weights-only pickle like
+the published ``.ckpt`` files.
 The UNet is a scaled-down SDXL (3 levels, transformers on levels 1-2, widths 32/64/64) whose
 attention heads are 64 wide like the official ones, so the default ``num_head_channels`` loads it.
 """
@@ -15,6 +18,10 @@ from pathlib import Path
 import torch
 
 from .tiny_checkpoints import random_state_dict
+
+# The published file names (example workflows name these; tests put tiny weights under them).
+PUBLISHED_SDXL = "sd_xl_base_1.0.safetensors"
+PUBLISHED_SUPIR_Q = "SUPIR-v0Q.ckpt"
 
 TINY_UNET = {
     "in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": [1, 2, 2],
@@ -52,7 +59,9 @@ def _parts(seed: int) -> tuple[dict, dict]:
     vae = parts.tiny_vae_state_dict(seed)
     sdxl_extra = {k: v for k, v in vae.items() if ".denoise_encoder." not in k}
     supir_extra = {k: v for k, v in vae.items() if ".denoise_encoder." in k}
-    sdxl_extra.update(parts.tiny_text_state_dict(seed))
+    # three layers per text encoder: ComfyUI's SDXL CLIP takes the penultimate layer and asserts there is one
+    # before it, so a real comfy.sd.CLIP can be built on these weights (tests/integration)
+    sdxl_extra.update(parts.tiny_text_state_dict(seed, clip_l_layers=3, clip_g_layers=3))
     return sdxl_extra, supir_extra
 
 
@@ -72,4 +81,18 @@ def write_tiny_supir(models_dir: Path, seed: int = 0) -> list[Path]:
     return [p_sdxl, p_supir]
 
 
-WRITERS = {"supir": write_tiny_supir}
+def write_supir_checkpoints(models_dir: Path, seed: int = 0) -> list[Path]:
+    """The tiny weights under the published names: ``sd_xl_base_1.0.safetensors`` (SDXL) and ``SUPIR-v0Q.ckpt``, a
+    flat weights-only pickle like the published file (one SUPIR file, so that nothing has to choose)."""
+    p_sdxl, p_supir = write_tiny_supir(models_dir, seed)
+    out = p_sdxl.parent
+    published = [out / PUBLISHED_SDXL, out / PUBLISHED_SUPIR_Q]
+    p_sdxl.replace(published[0])
+    p_supir.unlink()
+    _, supir = tiny_state_dicts(seed)
+    supir.update(_parts(seed)[1])
+    torch.save({k: v.float().contiguous() for k, v in supir.items()}, published[1])
+    return published
+
+
+WRITERS = {"supir": write_supir_checkpoints}

@@ -1,11 +1,12 @@
 """Start a real ComfyUI headless on loopback, talk to its HTTP API, and turn UI-format workflows
 into the API format that ``/prompt`` takes.
 
-Only used when ``COMFYUI_PATH`` points at a ComfyUI checkout; the Python that runs it is
+Used with every ComfyUI tree the tests run against (``trees.py``); the Python that runs it is
 ``COMFYUI_PYTHON`` or the one running the tests.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,7 +32,8 @@ def free_port() -> int:
 class ComfyServer:
     """A ComfyUI process with its own base directory; the pack is linked into its custom_nodes."""
 
-    def __init__(self, comfy_path: Path, base_dir: Path, pack_name: str = "photo_restoration_under_test"):
+    def __init__(self, comfy_path: Path, base_dir: Path, pack_name: str = "photo_restoration_under_test",
+                 extra_args: tuple[str, ...] = ()):
         self.comfy_path = Path(comfy_path)
         self.base_dir = Path(base_dir)
         self.port = free_port()
@@ -38,6 +41,7 @@ class ComfyServer:
         self.log_path = self.base_dir / "comfyui.log"
         self.pack_name = pack_name
         self.proc: subprocess.Popen | None = None
+        self.extra_args = tuple(extra_args)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 240.0) -> "ComfyServer":
@@ -49,7 +53,7 @@ class ComfyServer:
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch"]
+               "--disable-auto-launch", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PHOTO_RESTORE_MODELS", None)
         self._log = open(self.log_path, "w")
@@ -99,24 +103,73 @@ class ComfyServer:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read())
+                body = r.read()
+                return json.loads(body) if body.strip() else {}
         except urllib.error.HTTPError as e:
             raise AssertionError(f"POST {path} -> HTTP {e.code}: {e.read().decode(errors='replace')}") from None
 
-    def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
-        """Queue an API-format prompt and wait for its history entry; returns that entry."""
-        prompt_id = self.post("/prompt", {"prompt": prompt, "client_id": "photo-restoration-tests"})["prompt_id"]
+    def queue(self, prompt: dict, client_id: str = "photo-restoration-tests") -> str:
+        """Queue an API-format prompt; returns its id."""
+        return self.post("/prompt", {"prompt": prompt, "client_id": client_id})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        """Wait for a queued prompt's history entry (success, error or interrupted) and return it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
+            try:
+                hist = self.get(f"/history/{prompt_id}", timeout=60)
+            except (TimeoutError, urllib.error.URLError, ConnectionError):  # busy loading a big model: ask again
+                hist = {}
             if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
                 entry = hist[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error"):
                     return entry
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI died while running a prompt:\n{self.log()[-4000:]}")
-            time.sleep(0.5)
+            time.sleep(0.3)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f}s")
+
+    def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue an API-format prompt and wait for its history entry; returns that entry."""
+        return self.wait(self.queue(prompt), timeout)
+
+    @contextlib.contextmanager
+    def websocket(self, events: list):
+        """Listen on ComfyUI's websocket (as the frontend does) in a background thread; every JSON
+        message is appended to ``events``. Yields an object whose ``client_id`` is to be queued with."""
+        import asyncio
+        import threading
+        import uuid
+
+        import aiohttp
+
+        client_id = uuid.uuid4().hex
+        stop, ready = threading.Event(), threading.Event()
+        url = self.url.replace("http://", "ws://") + f"/ws?clientId={client_id}"
+
+        async def listen():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(url) as ws:
+                    ready.set()
+                    while not stop.is_set():
+                        try:
+                            msg = await ws.receive(timeout=0.2)
+                        except asyncio.TimeoutError:
+                            continue
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            events.append(json.loads(msg.data))
+                        elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                            break
+
+        thread = threading.Thread(target=lambda: asyncio.run(listen()), daemon=True)
+        thread.start()
+        if not ready.wait(30):
+            raise TimeoutError("could not connect to ComfyUI's websocket")
+        try:
+            yield types.SimpleNamespace(client_id=client_id)
+        finally:
+            stop.set()
+            thread.join(10)
 
 
 # ---- UI format -> API format -----------------------------------------------------------------

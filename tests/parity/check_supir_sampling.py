@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 
 from photo_restoration.supir.colorfix import adain, wavelet
@@ -21,12 +20,7 @@ from .harness import Case, assert_close
 
 @functools.lru_cache(maxsize=2)
 def _load(sdxl: str, supir: str, num_head_channels: int):
-    try:
-        from photo_restoration.supir.loader import load_supir
-    except ModuleNotFoundError as exc:  # the loader comes from the supir-unet branch
-        if "loader" not in str(exc) and "denoiser" not in str(exc):
-            raise
-        pytest.skip(f"the production SUPIR loader is not available yet ({exc})")
+    from photo_restoration.supir.loader import load_supir
 
     return load_supir(sdxl, supir, dtype=torch.float32, vae_dtype=torch.float32, device="cpu",
                       num_head_channels=num_head_channels)

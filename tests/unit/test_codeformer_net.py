@@ -153,7 +153,7 @@ def test_per_sample_w_equals_separate_scalar_runs(micro, faces):
     with torch.inference_mode():
         batched = micro(faces, w=torch.tensor([-1.0, 0.7]))  # <= 0: no fusion for that face
         singles = [micro(faces[i:i + 1], w=w) for i, w in enumerate((0.0, 0.7))]
-    assert torch.allclose(batched, torch.cat(singles), atol=1e-5, rtol=0)
+    assert torch.allclose(batched, torch.cat(singles), atol=1e-4, rtol=0)  # 1.06e-5 seen on some CPUs
     with pytest.raises(ValueError, match="3 values for a batch of 2"):
         micro(faces, w=torch.tensor([0.1, 0.2, 0.3]))
 

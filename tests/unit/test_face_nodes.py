@@ -101,3 +101,44 @@ def test_resnet50_file_with_dataparallel_prefix_loads(tmp_path):
     sd = {f"module.{k}": v for k, v in tiny_faces.retinaface_state_dict("resnet50", 0).items()}
     det = load_retinaface(sd)
     assert det.name == "resnet50"
+
+
+def test_load_face_detector_leaves_the_global_random_state_alone(models):
+    state = torch.random.get_rng_state()
+    LoadFaceDetector().load("mobilenet0.25", "parsenet")
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_new_inputs_are_optional_and_at_the_end():
+    """Old workflows keep loading: the added widgets are optional and come after every earlier input."""
+    optional = list(CodeFormerFaceRestore.INPUT_TYPES()["optional"])
+    assert optional[-3:] == ["has_aligned", "draw_box", "face_fidelity"]
+    assert optional[:-3][-1] == "face_batch_size"
+
+
+def test_empty_batch_is_an_empty_result(loaded):
+    cf, det = loaded
+    out, mask, restored, original, info = CodeFormerFaceRestore().restore(torch.zeros(0, 40, 30, 3), cf, det,
+                                                                          upscale=2)
+    assert out.shape == (0, 80, 60, 3) and mask.shape == (0, 80, 60) and "empty batch" in info
+
+
+def test_bad_face_index_and_face_fidelity_name_the_input(loaded):
+    cf, det = loaded
+    img = torch.rand(1, 40, 30, 3)
+    for kwargs, name in (({"face_index": "1-"}, "face_index"), ({"face_index": "abc"}, "face_index"),
+                         ({"face_fidelity": "0.5,high"}, "face_fidelity")):
+        with pytest.raises(ValueError, match=name):
+            CodeFormerFaceRestore().restore(img, cf, det, **kwargs)
+
+
+@pytest.mark.slow
+def test_has_aligned_toned_face_keeps_its_tint_through_codeformer(loaded):
+    cf, det = loaded
+    small = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    y = torch.nn.functional.interpolate(small, size=(512, 512), mode="bilinear").mean(1)[0]
+    face = torch.stack([y, y * 0.8, y * 0.55], -1)[None]  # sepia-toned aligned face
+    out, mask, restored, original, info = CodeFormerFaceRestore().restore(face, cf, det, has_aligned=True)
+    assert out.shape == face.shape and bool((mask == 1).all())
+    assert torch.allclose(out[0].mean((0, 1)), face[0].mean((0, 1)), atol=2 / 255)
+    assert torch.allclose(out[0].std((0, 1)), face[0].std((0, 1)), atol=2 / 255)

@@ -9,7 +9,7 @@ from PIL import Image
 from photo_restoration.nodes import comfy as adapter
 from photo_restoration.nodes.caption_nodes import LlavaCaption, LoadLlava
 from photo_restoration.supir import caption as cap
-from photo_restoration.supir.tiles import pixel_windows
+from photo_restoration.supir.tiles import image_windows
 from photo_restoration.testing.tiny_llava import write_tiny_llava
 
 FAST = dict(question="Describe this image.", temperature=0.2, top_p=0.7, max_new_tokens=6, seed=7,
@@ -27,7 +27,7 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llava(models_dir):
-    return LoadLlava().load("llava-tiny", "auto", "none")[0]
+    return LoadLlava().load("llava-1.5-7b-hf", "auto", "none")[0]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def images(b=2, h=48, w=64, seed=0):
 
 
 def test_loader_lists_the_folders_and_wraps_the_model(llava):
-    assert {"llava-tiny", "llava-next-tiny"} <= set(LoadLlava.INPUT_TYPES()["required"]["model"][0])
+    assert {"llava-1.5-7b-hf", "llava-next-tiny"} <= set(LoadLlava.INPUT_TYPES()["required"]["model"][0])
     assert isinstance(llava.model, cap.Llava) and llava.model.family == "llava"
     assert llava.model.compute_dtype is torch.float32  # auto on the CPU
 
@@ -94,21 +94,22 @@ def test_the_input_image_is_not_modified(llava):
 
 
 def test_per_tile_mode_gives_one_caption_per_tile_in_sampler_order(llava):
-    x = images(2, h=48, w=64)
-    windows = pixel_windows(48, 64, 32, 16)
-    assert len(windows) == 6
-    captions, _ = run(llava, x, tile_size=32, tile_stride=16)
+    x = images(2, h=60, w=128)  # sampled at 64x128 (padded to 64 px): a 1 x 3 grid of 64 px tiles, stride 32
+    windows = image_windows(64, 128, 64, 32)
+    assert len(windows) == 3
+    captions, _ = run(llava, x, tile_size=64, tile_stride=32)
     assert len(captions) == 2 * len(windows)
-    pictures = x.movedim(-1, 1)
+    padded = torch.nn.functional.pad(x.movedim(-1, 1), (0, 0, 0, 4), mode="replicate")
     with torch.inference_mode():
-        expected = [cap.caption_one(llava.model, pictures[i, :, h0:h1, w0:w1], cap.CaptionSettings(
-            question=FAST["question"], max_new_tokens=6, seed=7)) for i in range(2) for h0, h1, w0, w1 in windows]
+        expected = [cap.caption_group(llava.model, [padded[i, :, h0:h1, w0:w1]], cap.CaptionSettings(
+            question=FAST["question"], max_new_tokens=6, seed=7))[0] for i in range(2) for h0, h1, w0, w1 in windows]
     assert captions == expected
 
 
-def test_pictures_smaller_than_a_latent_pixel_are_one_tile():
-    assert len(cap.tile_crops(torch.rand(3, 6, 40), 16, 8)) == 1
-    assert len(cap.tile_crops(torch.rand(3, 16, 40), 16, 8)) == len(pixel_windows(16, 40, 16, 8)) == 4
+def test_small_pictures_are_one_padded_tile_and_tiny_ones_a_clear_error():
+    assert cap.tile_pictures(torch.rand(1, 3, 16, 40), 64, 32).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="at least 16 px"):
+        cap.tile_pictures(torch.rand(1, 3, 6, 40), 64, 32)
 
 
 def test_pad_to_square_keeps_the_whole_picture():
@@ -133,9 +134,14 @@ def test_llava_next_folder_uses_its_chat_template(llava_next):
     assert len(captions) == 2 and captions == run(llava_next, x)[0]
 
 
-def test_llava_15_folder_without_chat_template_uses_the_official_conversation(llava):
-    assert cap.build_prompt(llava.model.processor, cap.DEFAULT_QUESTION) == \
-        "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"
+def test_llava_15_uses_the_official_vicuna_v1_conversation(llava):
+    """Official SUPIR LLavaAgent: conv_templates["vicuna_v1"] (llava/conversation.py, SeparatorStyle.TWO) with
+    one user turn "<image>\\n" + question and an open assistant turn -- system sentence, then USER: / ASSISTANT:."""
+    official = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                "helpful, detailed, and polite answers to the user's questions. USER: <image>\nDescribe this image "
+                "and its style in a very detailed manner. ASSISTANT:")
+    assert cap.build_prompt(llava.model.processor, cap.DEFAULT_QUESTION) == official
+    assert cap.build_prompt(llava.model.processor, cap.DEFAULT_QUESTION, family="llava") == official
     assert cap.build_prompt(None, "q", "Q: {question} A:") == "<image>\nQ: q A:"
     assert cap.build_prompt(None, "q", "USER: <image>\\n{question} ASSISTANT:") == "USER: <image>\nq ASSISTANT:"
 
@@ -147,9 +153,9 @@ def test_captions_are_cleaned():
 
 def test_missing_folder_error_says_where_to_put_it(models_dir):
     with pytest.raises(FileNotFoundError) as err:
-        LoadLlava().load("llava-1.5-7b-hf", "auto", "none")
+        LoadLlava().load("llava-1.5-13b-hf", "auto", "none")
     message = str(err.value)
-    assert "llava-1.5-7b-hf" in message and "models/LLM/" in message and "llava-hf/llava-1.5-7b-hf" in message
+    assert "llava-1.5-13b-hf" in message and "models/LLM/" in message and "llava-hf/llava-1.5-7b-hf" in message
 
 
 def test_unsupported_folders_are_refused_clearly(tmp_path):
@@ -170,7 +176,7 @@ def test_quantization_without_bitsandbytes_is_a_clear_error(models_dir, monkeypa
     real = cap.importlib.util.find_spec
     monkeypatch.setattr(cap.importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
     with pytest.raises(RuntimeError, match="bitsandbytes"):
-        LoadLlava().load("llava-tiny", "fp16", "8bit")
+        LoadLlava().load("llava-1.5-7b-hf", "fp16", "8bit")
 
 
 class Cancel(Exception):
@@ -227,6 +233,6 @@ def test_memory_estimate_grows_with_the_group_and_the_caption_length(llava):
 def test_incomplete_folder_is_a_clear_error(models_dir, tmp_path):
     broken = tmp_path / "llava-broken"
     broken.mkdir()
-    (broken / "config.json").write_text((models_dir / "LLM" / "llava-tiny" / "config.json").read_text())
+    (broken / "config.json").write_text((models_dir / "LLM" / "llava-1.5-7b-hf" / "config.json").read_text())
     with pytest.raises(ValueError, match="llava-broken"):
         cap.load_llava(broken, torch.float32)

@@ -9,7 +9,8 @@ import torch
 
 from photo_restoration.supir.colorfix import adain, color_fix, wavelet, wavelet_decompose
 from photo_restoration.supir.denoiser import ddpm_sigmas
-from photo_restoration.supir.pipeline import RestoreSettings, latent_tile_windows, plan_sizes, restore
+from photo_restoration.supir.pipeline import RestoreSettings, plan_sizes, restore
+from photo_restoration.supir.tiles import image_windows
 from photo_restoration.supir.samplers import (dpmpp_2m_sde_step, gaussian_noise, replay_noise,
                                               restore_dpmpp_2m_sde_sample, restore_edm_sample)
 from photo_restoration.supir.schedules import (SIGMA_MAX, Guidance, cfg_at, churn_gamma, control_scale_at,
@@ -386,7 +387,7 @@ class ToyModel:
                                               ((64, 24), 2.0, "pad")])
 def test_restore_returns_exactly_the_upscaled_size(size, upscale, fit):
     images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
-    s = RestoreSettings(upscale=upscale, fit=fit, steps=2, size_multiple=16, s_churn=1.0)
+    s = RestoreSettings(upscale_by=upscale, fit=fit, steps=2, size_multiple=16, s_churn=1.0)
     out = restore(images, ToyModel(), s, captions=["a cat", "a dog"])
     assert out.shape == (2, 3, round(size[0] * upscale), round(size[1] * upscale))
     assert out.min() >= 0 and out.max() <= 1
@@ -398,19 +399,23 @@ def test_size_plan_rules():
     assert p.output == (600, 1000) and p.work == (600, 1000) and p.internal == (640, 1024) and p.padded
     p = plan_sizes(300, 500, upscale=1.0, min_size=1024, fit="resize")  # official test.py rule
     assert p.output == (300, 500) and p.work == (1024, 1707) and p.internal == (1024, 1728)
-    assert plan_sizes(10, 10, 1.0).internal == (64, 64)
+    assert plan_sizes(16, 16, 1.0).internal == (64, 64)
+    with pytest.raises(ValueError, match="at least 16 px"):
+        plan_sizes(10, 10, 1.0)
 
 
 def test_prompts_are_caption_plus_a_prompt_and_per_tile_captions_make_a_cond_list():
     model = ToyModel()
     images = torch.rand(1, 3, 64, 96)
-    s = RestoreSettings(steps=1, size_multiple=8, a_prompt=", sharp", n_prompt="blurry", tiled=True,
-                        tile_size=8, tile_stride=4)
+    s = RestoreSettings(steps=1, positive_prompt=", sharp", negative_prompt="blurry", tiling="on", tile_size=64,
+                        tile_stride=32)
     restore(images, model, s, captions=["a cat"])
-    assert model.text.prompts[0] == ["blurry"] and model.text.prompts[1] == ["a cat, sharp"]
-    wins = latent_tile_windows(64, 96, s)
-    assert len(wins) == len(tile_windows(8, 12, 8, 4)) and wins[0] == (0, 64, 0, 64)
+    assert sorted(model.text.prompts) == [["a cat, sharp"], ["blurry"]]
+    wins = image_windows(64, 128, 64, 32)  # the sampling size: 96 px padded to 128
+    assert len(wins) == len(tile_windows(8, 16, 8, 4)) == 3 and wins[0] == (0, 64, 0, 64)
     model = ToyModel()
-    out = restore(images, model, s, captions=[[f"tile {j}" for j in range(len(wins))]])
+    captions = [f"tile {j}" for j in range(len(wins))]
+    captions[1] = ""  # no caption for tile 1: it keeps its place and gets the positive prompt alone
+    out = restore(images, model, s, captions=captions)
     assert out.shape == (1, 3, 64, 96)
-    assert model.text.prompts[1:] == [[f"tile {j}, sharp"] for j in range(len(wins))]
+    assert model.text.prompts[0] == [c + ", sharp" for c in captions]

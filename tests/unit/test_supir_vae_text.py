@@ -6,6 +6,7 @@ import torch
 
 from tests.parity import harness
 from photo_restoration.supir import text as T
+from photo_restoration.testing import comfy_layouts as L
 from photo_restoration.supir.vae import SupirVAE, VAEConfig, VAETiling, build_vae, detect_vae_config
 from photo_restoration.supir.vae_tiled import fit_tile, official_tiles, tiled_forward
 from photo_restoration.testing.tiny_supir_parts import tiny_text_state_dict, tiny_vae_state_dict
@@ -232,12 +233,12 @@ def test_clip_l_context_is_the_penultimate_layer(tiny_text):
 
 def test_comfyui_clip_layout_round_trip(tiny_text):
     ours = {k[len("embedders."):]: v for k, v in tiny_text.state_dict().items()}
-    comfy = T.sgm_to_comfy_clip(ours)
+    comfy = L.sgm_to_comfy_clip(ours)
     assert "clip_g.transformer.text_model.encoder.layers.1.self_attn.v_proj.weight" in comfy
     assert comfy["clip_g.transformer.text_projection.weight"].shape == (32, 40)
     comfy["clip_l.transformer.text_projection.weight"] = torch.zeros(24, 24)  # ComfyUI extras we drop
     comfy["clip_l.logit_scale"] = torch.tensor(4.6)
-    back = T.comfy_clip_to_sgm(comfy)
+    back = L.comfy_clip_to_sgm(comfy)
     assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
     rebuilt = T.build_text_conditioner(back, size_embed_dim=16)
     a, b = tiny_text.encode("a photo"), rebuilt.encode("a photo")

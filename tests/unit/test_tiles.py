@@ -1,5 +1,7 @@
 """The tile grid: the official window rule, and robustness where the reference crashes."""
-from photo_restoration.supir.tiles import pixel_windows, tile_windows
+import pytest
+
+from photo_restoration.supir.tiles import image_windows, tile_windows
 
 
 def test_grid_follows_the_official_rule_row_major():
@@ -30,5 +32,12 @@ def test_every_pixel_is_covered_for_any_size():
         assert all(all(r) for r in seen)
 
 
-def test_pixel_windows_are_latent_windows_times_eight():
-    assert pixel_windows(192, 256, 128, 64) == [(a * 8, b * 8, c * 8, d * 8) for a, b, c, d in tile_windows(24, 32, 16, 8)]
+def test_stride_larger_than_the_tile_is_refused_naming_tile_stride():
+    with pytest.raises(ValueError, match="tile_stride"):
+        tile_windows(64, 64, 16, 24)
+    with pytest.raises(ValueError, match="tile_stride"):
+        image_windows(1024, 1024, 512, 768)
+
+
+def test_image_windows_are_latent_windows_times_eight():
+    assert image_windows(192, 256, 128, 64) == [(a * 8, b * 8, c * 8, d * 8) for a, b, c, d in tile_windows(24, 32, 16, 8)]
