@@ -91,12 +91,20 @@ class LoadSupir:
                              "(computed in bf16) at a small quality cost."}),
             "vae_dtype": (VAE_DTYPES, {"default": "auto", "tooltip": "VAE dtype (fp16 is not offered: the SDXL VAE "
                           "overflows in it). auto: bf16 where supported, else fp32."}),
+        }, "optional": {
+            "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the denoiser (control + UNet). The "
+                        "first step of each new image/tile size waits for compilation (minutes); later steps run "
+                        "faster, mostly on GPUs. Needs a C++ compiler on CPU, triton on NVIDIA GPUs."}),
         }}
 
-    def load(self, sdxl_checkpoint, supir_checkpoint, weight_dtype, vae_dtype):
+    def load(self, sdxl_checkpoint, supir_checkpoint, weight_dtype, vae_dtype, compile=False):
         sdxl = comfy.full_path("checkpoints", sdxl_checkpoint)
         supir = _supir_path(supir_checkpoint)
-        return (IO.load_supir_files(sdxl, supir, weight_dtype, vae_dtype, name=supir_checkpoint),)
+        handle = IO.load_supir_files(sdxl, supir, weight_dtype, vae_dtype, name=supir_checkpoint)
+        if compile:
+            from ..supir.compile import maybe_compile
+            maybe_compile(handle.model.diffusion, True)
+        return (handle,)
 
 
 class LoadSupirFromModel:

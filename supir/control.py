@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .unet import (CrossAttention, SDXLUNet, Upsample, decoder_layout, embed, group_norm, make_embeddings,
-                   make_encoder, run_layer, unet_config)
+from .unet import (Conv2d, CrossAttention, SDXLUNet, Upsample, constant_context, decoder_layout, embed,
+                   group_norm, make_embeddings, make_encoder, run_layer, unet_config)
 
 Scale = float | torch.Tensor
 
@@ -33,10 +33,10 @@ class ZeroSFT(nn.Module):
     def __init__(self, label_nc: int, norm_nc: int, concat_channels: int = 0, hidden: int = 128):
         super().__init__()
         self.param_free_norm = group_norm(norm_nc + concat_channels)
-        self.mlp_shared = nn.Sequential(ops.Conv2d(label_nc, hidden, 3, padding=1), nn.SiLU())
-        self.zero_mul = ops.Conv2d(hidden, norm_nc + concat_channels, 3, padding=1)
-        self.zero_add = ops.Conv2d(hidden, norm_nc + concat_channels, 3, padding=1)
-        self.zero_conv = ops.Conv2d(label_nc, norm_nc, 1)
+        self.mlp_shared = nn.Sequential(Conv2d(label_nc, hidden, 3, padding=1), nn.SiLU())
+        self.zero_mul = Conv2d(hidden, norm_nc + concat_channels, 3, padding=1)
+        self.zero_add = Conv2d(hidden, norm_nc + concat_channels, 3, padding=1)
+        self.zero_conv = Conv2d(label_nc, norm_nc, 1)
         self.pre_concat = concat_channels != 0
 
     def forward(self, c: torch.Tensor, h: torch.Tensor, h_ori: torch.Tensor | None = None,
@@ -66,8 +66,8 @@ class ZeroCrossAttn(nn.Module):
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, control_scale: Scale = 1.0) -> torch.Tensor:
         b, c, h, w = x.shape
-        xn = self.norm1(x).flatten(2).transpose(1, 2)
-        cn = self.norm2(context).flatten(2).transpose(1, 2)
+        xn = self.norm1(x).flatten(2).transpose(1, 2).contiguous()  # one copy, not one per Linear
+        cn = self.norm2(context).flatten(2).transpose(1, 2).contiguous()
         y = self.attn(xn, cn).transpose(1, 2).reshape(b, c, h, w)
         return x + y * _scale(control_scale, y)
 
@@ -84,7 +84,7 @@ class GLVControl(nn.Module):
         self.model_channels = cfg["model_channels"]
         self.time_embed, self.label_emb = make_embeddings(cfg)
         self.input_blocks, self.middle_block, self.input_channels = make_encoder(cfg)
-        self.input_hint_block = nn.Sequential(ops.Conv2d(cfg["in_channels"], cfg["model_channels"], 3, padding=1))
+        self.input_hint_block = nn.Sequential(Conv2d(cfg["in_channels"], cfg["model_channels"], 3, padding=1))
 
     def forward(self, hint: torch.Tensor, timesteps: torch.Tensor, xt: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor) -> list[torch.Tensor]:
@@ -192,6 +192,29 @@ class SupirDiffusion(nn.Module):
         self.control_model = GLVControl(cfg)
         self.config = self.diffusion_model.config
         self.compute_dtype: torch.dtype | None = None  # None: the dtype of the inputs
+        self.cache_text_kv = True  # reuse cross-attention keys/values while the text context is unchanged
+        self._context: torch.Tensor | None = None
+
+    def text_context(self, context: torch.Tensor) -> torch.Tensor:
+        """The held copy of ``context`` when its values equal the last call's (the samplers rebuild the
+        same CFG context every step), else a new held copy: cross-attention keys and values computed
+        from it are reused by the transformer blocks (:class:`~.unet.CrossAttention`)."""
+        if not self.cache_text_kv:
+            return context
+        prev = self._context
+        if (prev is not None and prev.shape == context.shape and prev.dtype == context.dtype
+                and prev.device == context.device and torch.equal(prev, context)):
+            return prev
+        self.clear_kv_cache()
+        self._context = constant_context(context.detach().clone())
+        return self._context
+
+    def clear_kv_cache(self) -> None:
+        """Drop the held text context and every cached key/value (frees their memory)."""
+        self._context = None
+        for m in self.modules():
+            if isinstance(m, CrossAttention):
+                m.clear_kv_cache()
 
     def forward(self, x_in: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                 hint: torch.Tensor, control_scale: Scale = 1.0) -> torch.Tensor:
@@ -199,6 +222,7 @@ class SupirDiffusion(nn.Module):
         dtype = self.compute_dtype or x_in.dtype
         out_dtype = x_in.dtype
         x_in, context, y, hint = (t.to(dtype) for t in (x_in, context, y, hint))
+        context = self.text_context(context)
         timesteps = torch.as_tensor(timesteps, device=x_in.device).reshape(-1).expand(x_in.shape[0])
         control = self.control_model(hint, timesteps, x_in, context, y)
         eps = self.diffusion_model(x_in, timesteps, context, y, control, control_scale)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .conv import conv2d, upsample_conv3x3
 from .embeddings import timestep_embedding
 
 # The official SDXL base / SUPIR v0 UNet (options/SUPIR_v0.yaml network_config).
@@ -51,23 +52,36 @@ def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return ops.GroupNorm(32, channels, eps=eps)
 
 
+class Conv2d(ops.Conv2d):
+    """The casting Conv2d of :mod:`.ops` with :func:`conv2d`'s small-map CPU path."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (self.padding_mode != "zeros" or self.groups != 1 or self.dilation != (1, 1)
+                or isinstance(self.padding, str)):
+            return super()._conv_forward(x, weight, bias)
+        return conv2d(x, weight, bias, self.stride, self.padding)
+
+
 class ResBlock(nn.Module):
     """GN-SiLU-conv, + Linear(SiLU(emb)), GN-SiLU-conv, + skip (identity or 1x1 conv)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), ops.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
         # index 2 is the (inference no-op) dropout of the official block, kept for the key layout
         self.out_layers = nn.Sequential(group_norm(out_channels), nn.SiLU(), nn.Identity(),
-                                        ops.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = nn.Identity() if out_channels == channels else ops.Conv2d(channels, out_channels, 1)
+                                        Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # the Sequentials' layers one by one, in place on fresh intermediates (one large allocation less each)
+        norm, _, conv = self.in_layers
+        h = conv(F.silu(norm(x), inplace=True))
+        h.add_(self.emb_layers(emb).to(h.dtype)[:, :, None, None])
+        norm, _, _, conv = self.out_layers
+        return conv(F.silu(norm(h), inplace=True)).add_(self.skip_connection(x))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -78,20 +92,68 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(b, n, -1)
 
 
+def constant_context(context: torch.Tensor) -> torch.Tensor:
+    """Mark ``context`` (a tensor nobody modifies any more) as one whose keys and values may be cached."""
+    context._kv_cacheable = True
+    return context
+
+
+def _weight_key(layer: nn.Module) -> tuple | None:
+    """What identifies a linear layer's current weight; None when a host casts or patches it per call."""
+    if getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None):
+        return None
+    w = layer.weight
+    version = -1 if w.is_inference() else w._version  # inference tensors cannot change outside inference mode
+    return (w.data_ptr(), version, w.dtype, w.device)
+
+
 class CrossAttention(nn.Module):
-    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+    """Multi-head attention of ``x`` over ``context`` (itself when None).
+
+    ``cache_kv``: keys and values of a context marked with :func:`constant_context` are kept until the
+    context or the to_k/to_v weights change (the text context of a sampling run is the same at every step).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, cache_kv: bool = False):
         super().__init__()
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads = heads
+        self.cache_kv = cache_kv
         self.to_q = ops.Linear(query_dim, inner, bias=False)
         self.to_k = ops.Linear(context_dim, inner, bias=False)
         self.to_v = ops.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(ops.Linear(inner, query_dim), nn.Identity())
+        # non-persistent buffers: not in state_dict(), but moved with the module by .to()
+        self.register_buffer("kv_cache_k", None, persistent=False)
+        self.register_buffer("kv_cache_v", None, persistent=False)
+        self._kv_key: tuple | None = None
+        self._kv_context: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        if context is None:
+            k, v = self.to_k(x), self.to_v(x)
+        else:
+            k, v = self.context_kv(context)
+        return self.to_out(attention(self.to_q(x), k, v, self.heads))
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling() or not (self.cache_kv and getattr(context, "_kv_cacheable", False)):
+            return self.to_k(context), self.to_v(context)
+        key = (_weight_key(self.to_k), _weight_key(self.to_v))
+        if None in key:
+            return self.to_k(context), self.to_v(context)
+        if context is self._kv_context and key == self._kv_key and self.kv_cache_k is not None \
+                and self.kv_cache_k.device == context.device:
+            return self.kv_cache_k, self.kv_cache_v
+        k, v = self.to_k(context), self.to_v(context)
+        # the context itself is held, so no other tensor can take its id while the entry lives
+        self.kv_cache_k, self.kv_cache_v, self._kv_key, self._kv_context = k, v, key, context
+        return k, v
+
+    def clear_kv_cache(self) -> None:
+        self.kv_cache_k = self.kv_cache_v = None
+        self._kv_key = self._kv_context = None
 
 
 class GEGLU(nn.Module):
@@ -101,7 +163,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        return F.gelu(gate).mul_(a)
 
 
 class FeedForward(nn.Module):
@@ -118,7 +180,7 @@ class BasicTransformerBlock(nn.Module):
         super().__init__()
         self.attn1 = CrossAttention(dim, None, heads, dim_head)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, cache_kv=True)
         self.norm1 = ops.LayerNorm(dim)
         self.norm2 = ops.LayerNorm(dim)
         self.norm3 = ops.LayerNorm(dim)
@@ -142,19 +204,23 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.norm(x).flatten(2).transpose(1, 2)
+        # tokens made contiguous once: a strided [B, HW, C] input would make every Linear a batched GEMM
+        # that packs its weight once per sample
+        t = self.norm(x).flatten(2).transpose(1, 2).contiguous()
         t = self.proj_in(t)
         context = context.to(t.dtype)
         for block in self.transformer_blocks:
             t = block(t, context)
         t = self.proj_out(t)
-        return t.transpose(1, 2).reshape(b, c, h, w) + x
+        # x first: the sum takes x's (contiguous) layout, not the channels-last strides of the token view,
+        # which would make every following convolution reorder its weight
+        return x + t.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = ops.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -163,10 +229,10 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv3x3(self.conv, x)
 
 
 class Block(nn.Sequential):
@@ -203,7 +269,7 @@ def make_embeddings(cfg: dict) -> tuple[nn.Sequential, nn.Sequential]:
 def make_encoder(cfg: dict) -> tuple[nn.ModuleList, Block, list[int]]:
     """The input blocks, the middle block and the channels of every input block's output."""
     mc, emb_ch = cfg["model_channels"], 4 * cfg["model_channels"]
-    blocks = nn.ModuleList([Block(ops.Conv2d(cfg["in_channels"], mc, 3, padding=1))])
+    blocks = nn.ModuleList([Block(Conv2d(cfg["in_channels"], mc, 3, padding=1))])
     chans = [mc]
     ch = mc
     levels = len(cfg["channel_mult"])
@@ -271,7 +337,7 @@ class SDXLUNet(nn.Module):
         self.input_blocks, self.middle_block, self.input_channels = make_encoder(cfg)
         self.output_blocks = make_decoder(cfg, self.input_channels)
         self.out = nn.Sequential(group_norm(cfg["model_channels"]), nn.SiLU(),
-                                 ops.Conv2d(cfg["model_channels"], cfg["out_channels"], 3, padding=1))
+                                 Conv2d(cfg["model_channels"], cfg["out_channels"], 3, padding=1))
 
     def embed(self, timesteps: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return embed(self.time_embed, self.label_emb, self.model_channels, timesteps, y, dtype)

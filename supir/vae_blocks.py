@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import upsample_conv3x3
+
 GN_GROUPS = 32
 GN_EPS = 1e-6
 
@@ -35,9 +37,9 @@ class ResnetBlock(nn.Module):
         return self.nin_shortcut(x) if self.in_channels != self.out_channels else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.shortcut(x) + h
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in place on fresh intermediates only
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(self.shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -87,7 +89,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv3x3(self.conv, x)
 
 
 class Mid(nn.Module):
@@ -150,7 +152,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -179,4 +181,4 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))

@@ -1,0 +1,132 @@
+"""The speed paths of the SUPIR networks compute what the plain paths compute.
+
+* small CPU feature maps convolve through one GEMM (``supir.unet.conv2d``): equal to ``F.conv2d``;
+* cross-attention keys/values of an unchanged text context are reused across calls: outputs equal a
+  fresh computation, and a new context or new weights are never served from the cache.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from photo_restoration.supir import conv as convmod
+from photo_restoration.supir.control import SupirDiffusion
+from photo_restoration.supir.conv import conv2d, upsample_conv3x3
+from photo_restoration.supir.loader import load_diffusion
+from photo_restoration.supir.unet import CrossAttention
+from photo_restoration.testing.tiny_supir import TINY_UNET, tiny_state_dicts
+
+
+@pytest.mark.parametrize("ci,co,k,stride,pad,size,bias", [
+    (16, 24, 3, 1, 1, 8, True), (16, 24, 3, 2, 1, 8, True), (8, 12, 1, 1, 0, 6, True),
+    (8, 12, 3, 1, 1, 4, False), (8, 12, 3, 1, 1, 32, True),  # the last one is above the GEMM size: F.conv2d
+])
+def test_conv2d_equals_torch_conv(ci, co, k, stride, pad, size, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, ci, size, size, generator=g)
+    w = torch.randn(co, ci, k, k, generator=g) / (ci * k * k) ** 0.5
+    b = torch.randn(co, generator=g) if bias else None
+    got = conv2d(x, w, b, (stride, stride), (pad, pad))
+    want = F.conv2d(x, w, b, stride, pad)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_path_is_used_below_the_size_limit(monkeypatch):
+    calls = []
+    unfold = F.unfold
+    monkeypatch.setattr(convmod.F, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
+    x = torch.randn(2, 4, 8, 8)
+    conv2d(x, torch.randn(4, 4, 3, 3), None, (1, 1), (1, 1))
+    assert calls  # 64 output pixels: GEMM
+    calls.clear()
+    conv2d(torch.randn(2, 4, 16, 16), torch.randn(4, 4, 3, 3), None, (1, 1), (1, 1))
+    assert not calls  # 256 output pixels: F.conv2d
+
+
+@pytest.mark.parametrize("size,dtype", [(4, torch.float32), (12, torch.float32), (9, torch.float16)])
+def test_upsample_conv_equals_upsampling_then_convolving(size, dtype):
+    """Four 2x2 phase convolutions of the input = the 3x3 convolution of the nearest x2 upsampled input
+    (16-bit stored weights are up-cast to the float32 input, as the casting layers do)."""
+    g = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(5, 6, 3, 3, generator=g) / 7)
+    conv = conv.to(dtype)
+    x = torch.randn(2, 6, size, size + 3, generator=g)
+    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight.float(), conv.bias.float(),
+                    padding=1)
+    got = upsample_conv3x3(conv, x)
+    assert got.shape == want.shape == (2, 5, 2 * size, 2 * size + 6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusion() -> SupirDiffusion:
+    sdxl, supir = tiny_state_dicts(seed=5)
+    return load_diffusion(sdxl, supir)[0]
+
+
+def _inputs(seed: int, batch: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    hint = torch.randn(batch, 4, 8, 8, generator=g)
+    ctx = torch.randn(batch, 77, TINY_UNET["context_dim"], generator=g)
+    y = torch.randn(batch, TINY_UNET["adm_in_channels"], generator=g)
+    return x, torch.tensor([500, 500]), ctx, y, hint
+
+
+def _run(model, x, t, ctx, y, hint, cache: bool):
+    model.cache_text_kv = cache
+    try:
+        with torch.inference_mode():
+            return model(x, t, ctx, y, hint)
+    finally:
+        model.cache_text_kv = True
+
+
+def test_cached_text_keys_values_give_the_uncached_output(tiny_diffusion):
+    m = tiny_diffusion
+    m.clear_kv_cache()
+    x, t, ctx, y, hint = _inputs(0)
+    plain = _run(m, x, t, ctx, y, hint, cache=False)
+    first = _run(m, x, t, ctx, y, hint, cache=True)
+    attn = [a for a in m.modules() if isinstance(a, CrossAttention) and a.cache_kv]
+    assert attn and all(a.kv_cache_k is not None for a in attn)
+    # next step: a new tensor with the same values (the samplers rebuild the CFG batch every step)
+    x2 = torch.randn_like(x)
+    again = _run(m, x2, t, ctx.clone(), y, hint, cache=True)
+    assert torch.equal(first, plain)
+    assert torch.equal(again, _run(m, x2, t, ctx, y, hint, cache=False))
+    # the caller changing its context in place after a call is not seen by the cache
+    ctx_mut = ctx.clone()
+    _run(m, x, t, ctx_mut, y, hint, cache=True)
+    ctx_mut.mul_(-1)
+    assert torch.equal(_run(m, x, t, ctx_mut, y, hint, cache=True), _run(m, x, t, ctx_mut, y, hint, cache=False))
+
+
+def test_new_weights_are_not_served_from_the_cache(tiny_diffusion):
+    m = tiny_diffusion
+    x, t, ctx, y, hint = _inputs(1)
+    _run(m, x, t, ctx, y, hint, cache=True)
+    layer = next(a for a in m.modules() if isinstance(a, CrossAttention) and a.cache_kv).to_k
+    old = layer.weight
+    try:
+        layer.weight = torch.nn.Parameter(old.detach() * 2, requires_grad=False)  # a patched weight
+        want = _run(m, x, t, ctx, y, hint, cache=False)
+        assert torch.equal(_run(m, x, t, ctx, y, hint, cache=True), want)
+        with torch.no_grad():
+            layer.weight.mul_(0.5)  # in place, outside inference mode: the version counter changes
+        want = _run(m, x, t, ctx, y, hint, cache=False)
+        assert torch.equal(_run(m, x, t, ctx, y, hint, cache=True), want)
+    finally:
+        layer.weight = old
+    m.clear_kv_cache()
+    assert all(a.kv_cache_k is None for a in m.modules() if isinstance(a, CrossAttention))
+
+
+def test_cache_is_not_in_the_state_dict(tiny_diffusion):
+    x, t, ctx, y, hint = _inputs(2)
+    _run(tiny_diffusion, x, t, ctx, y, hint, cache=True)
+    assert not any("kv_cache" in k for k in tiny_diffusion.state_dict())
