@@ -14,29 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 
+from . import model_names, progress
+from .common import plain_tensor
+from .model_names import MODEL_FOLDERS, WEIGHT_EXTENSIONS  # noqa: F401  (re-exported)
+
 log = logging.getLogger("photo_restoration")
-
-# ComfyUI's list of weight-file extensions (folder_paths.supported_pt_extensions).
-WEIGHT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
-
-# Folder keys the pack reads from, with the default sub-folder of models/ and the extensions listed.
-# `LLM` holds Hugging Face model *folders*; it gets the weight extensions too so that ComfyUI's
-# filter never lists stray files, and the pack lists its sub-directories itself.
-MODEL_FOLDERS: dict[str, tuple[str, set[str]]] = {
-    "checkpoints": ("checkpoints", WEIGHT_EXTENSIONS),
-    "model_patches": ("model_patches", WEIGHT_EXTENSIONS),
-    "upscale_models": ("upscale_models", WEIGHT_EXTENSIONS),
-    "facerestore_models": ("facerestore_models", WEIGHT_EXTENSIONS),
-    "facedetection": ("facedetection", WEIGHT_EXTENSIONS),
-    "LLM": ("LLM", WEIGHT_EXTENSIONS | {".json"}),
-}
 
 _models_dir_override: str | None = None
 
@@ -128,33 +116,9 @@ def list_dirs(key: str) -> list[str]:
 
 
 def model_name(key: str, name: str) -> str:
-    """A user-given model name, normalised to a path relative to the ``key`` folder.
-
-    Sub-folders are fine (``SUPIR/SUPIR-v0Q.ckpt``, either slash); an empty name, an absolute path, a
-    drive letter or ``..`` leading out of the folder raise a ValueError naming the input. Symlinks that
-    users place inside the folder are followed, as ComfyUI does.
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"No model chosen for the '{key}' model folder (got {name!r}); pick a file from the list.")
-    if "\x00" in name or len(name) > 4096:
-        raise ValueError(f"Model name {name[:200]!r} for the '{key}' folder is not a valid file name.")
-    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or os.path.isabs(name):
-        raise ValueError(f"Model name '{name}' is an absolute path; choose a file inside the '{key}' model folder "
-                         f"({', '.join(folder_paths_for(key))}) by its name there.")
-    parts: list[str] = []
-    for part in name.replace("\\", "/").split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not parts:
-                raise ValueError(f"Model name '{name}' leads out of the '{key}' model folder ('..'); choose a "
-                                 f"file inside it ({', '.join(folder_paths_for(key))}).")
-            parts.pop()
-            continue
-        parts.append(part)
-    if not parts:
-        raise ValueError(f"Model name '{name}' names the '{key}' folder itself, not a model in it.")
-    return "/".join(parts)
+    """A user-given model name, normalised to a path inside the ``key`` folder (see
+    :func:`nodes.model_names.normalise`: no absolute paths, no ``..`` out of the folder)."""
+    return model_names.normalise(key, name, folder_paths_for(key))
 
 
 def full_path(key: str, name: str) -> str:
@@ -354,72 +318,16 @@ def check_interrupt() -> None:
         mm.throw_exception_if_processing_interrupted()
 
 
-class Progress:
-    """Progress reporting for one node run; doubles as the callbacks object the pipelines take.
+def Progress(total: int, desc: str = "", preview_size: int = 512) -> "progress.Progress":
+    """Progress reporting for one node run, doubling as the callbacks object the pipelines take
+    (:class:`nodes.progress.Progress`): ComfyUI's ProgressBar (with previews) and its interrupt inside ComfyUI,
+    a tqdm bar and no interrupt outside."""
+    bar = None
+    if comfy_present():
+        import comfy.utils
 
-    ``progress(step, total, preview)`` updates ComfyUI's ProgressBar (with an optional preview,
-    a PIL image or a [H,W,3] tensor in 0..1) or a tqdm bar; ``check_interrupt()`` raises when the
-    user cancels.
-    """
-
-    def __init__(self, total: int, desc: str = "", preview_size: int = 512):
-        self.total = max(int(total), 1)
-        self.preview_size = preview_size
-        self._bar = None
-        self._tqdm = None
-        if comfy_present():
-            import comfy.utils
-
-            self._bar = comfy.utils.ProgressBar(self.total)
-        else:
-            from tqdm.auto import tqdm
-
-            self._tqdm = tqdm(total=self.total, desc=desc or "photo_restoration", leave=False, disable=None)
-        self._n = 0
-
-    def progress(self, step: int, total: int | None = None, preview: Any = None) -> None:
-        if total is not None and total != self.total:
-            self.total = max(int(total), 1)
-            if self._tqdm is not None:
-                self._tqdm.total = self.total
-        step = min(int(step), self.total)
-        if self._bar is not None:
-            self._bar.update_absolute(step, self.total, _preview_tuple(preview, self.preview_size))
-        elif self._tqdm is not None:
-            self._tqdm.update(step - self._n)
-        self._n = step
-
-    def advance(self, n: int = 1, preview: Any = None) -> None:
-        self.progress(self._n + n, None, preview)
-
-    def check_interrupt(self) -> None:
-        check_interrupt()
-
-    def close(self) -> None:
-        if self._tqdm is not None:
-            self._tqdm.close()
-            self._tqdm = None
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def _preview_tuple(preview: Any, max_size: int):
-    if preview is None:
-        return None
-    from PIL import Image
-
-    if isinstance(preview, torch.Tensor):
-        t = preview.detach().float().clamp(0, 1).cpu()
-        if t.ndim == 4:
-            t = t[0]
-        if t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
-            t = t.movedim(0, -1)
-        preview = Image.fromarray((t.numpy() * 255).round().astype("uint8").squeeze())
-    return ("JPEG", preview, max_size)
+        bar = comfy.utils.ProgressBar(max(int(total), 1))
+    return progress.Progress(total, desc, preview_size, bar=bar, interrupt=check_interrupt)
 
 
 def latent_preview_fn() -> Callable[[torch.Tensor], Any] | None:
@@ -483,18 +391,9 @@ def state_dicts_from_comfy(model: Any, clip: Any = None, vae: Any = None) -> dic
         clip_sd = clip.state_dict_for_saving() if patcher_saves and hasattr(clip, "state_dict_for_saving") \
             else clip.get_sd()
         # materialised before ComfyUI converts the layout (bigG's q/k/v are concatenated there)
-        clip_sd = {k: _plain_tensor(v) for k, v in clip_sd.items()}
+        clip_sd = {k: plain_tensor(v) for k, v in clip_sd.items()}
     if patcher_saves:
         sd = model.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
     else:
         sd = inner.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
-    return {k: _plain_tensor(v) for k, v in sd.items()}
-
-
-def _plain_tensor(v: Any) -> Any:
-    """A plain tensor for a state-dict value. ComfyUI 0.33's saving dicts hold lazily patched parameters
-    (``LazyCastingParam``: a Parameter subclass whose ``.to()`` computes the patched weight); their own
-    data is the *unpatched* weight, so they are materialised through ``.to`` before anything reads them."""
-    if isinstance(v, torch.nn.Parameter) and type(v) is not torch.nn.Parameter:
-        v = v.to("cpu")
-    return v.detach() if isinstance(v, torch.Tensor) else v
+    return {k: plain_tensor(v) for k, v in sd.items()}

@@ -1,6 +1,8 @@
 """Small helpers shared by the node modules: IMAGE/tensor conversions and the category name."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 CATEGORY = "image/restoration"
@@ -32,3 +34,12 @@ def image_to_bchw(image: torch.Tensor, name: str = "image") -> torch.Tensor:
 def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
     """float [B,C,H,W] in 0..1 -> ComfyUI IMAGE [B,H,W,C] float32 on the CPU, clamped."""
     return x.detach().float().clamp(0, 1).movedim(1, -1).contiguous().cpu()
+
+
+def plain_tensor(v: Any) -> Any:
+    """A plain tensor for a state-dict value. ComfyUI 0.33's saving dicts hold lazily patched parameters
+    (``LazyCastingParam``: a Parameter subclass whose ``.to()`` computes the patched weight); their own
+    data is the *unpatched* weight, so they are materialised through ``.to`` before anything reads them."""
+    if isinstance(v, torch.nn.Parameter) and type(v) is not torch.nn.Parameter:
+        v = v.to("cpu")
+    return v.detach() if isinstance(v, torch.Tensor) else v

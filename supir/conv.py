@@ -14,9 +14,13 @@ Official: SGM runs every convolution through ``F.conv2d`` and upsamples with ``F
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import ops
 
 GEMM_CONV_MAX_PIXELS = 64
 
@@ -45,28 +49,32 @@ def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
 
 
-def upsample_conv_weights(x: torch.Tensor, conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) of a 3x3 / pad 1 / stride 1 ``conv`` usable as they are for ``x``, else None
-    (a host casts or patches the layer per call, dtypes differ, or the layer is not such a convolution)."""
-    if (getattr(conv, "comfy_cast_weights", False) or getattr(conv, "weight_function", None)
-            or getattr(conv, "bias_function", None)):
-        return None
-    w, b = conv.weight, conv.bias
-    if (x.dtype != torch.float32 or not w.dtype.is_floating_point or w.device != x.device
-            or tuple(w.shape[-2:]) != (3, 3) or tuple(conv.stride) != (1, 1) or tuple(conv.padding) != (1, 1)
-            or conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.padding_mode != "zeros"
-            or (b is not None and b.device != x.device)):
-        return None
-    # 16-bit storage is up-cast as the casting layers do per call; the taps are summed in float32
-    return w.to(x.dtype), (None if b is None else b.to(x.dtype))
+def _upsample_geometry_ok(x: torch.Tensor, conv: nn.Module) -> bool:
+    """Whether ``conv`` is a 3x3 / pad 1 / stride 1 convolution whose sub-pixel form applies to ``x``."""
+    w = conv.weight
+    return (x.dtype == torch.float32 and w is not None and w.dtype.is_floating_point
+            and tuple(w.shape[-2:]) == (3, 3) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
+            and conv.groups == 1 and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros")
 
 
 def upsample_conv3x3(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, padding 1 convolution."""
-    wb = upsample_conv_weights(x, conv)
-    if wb is None:
+    """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, padding 1 convolution.
+
+    The weights come through the layer's own casting (:func:`supir.ops.cast_weights`), so a memory manager
+    that casts or patches them per call (partial loading) gets the same sums as a full load."""
+    if not _upsample_geometry_ok(x, conv):
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    weight, bias = wb
+    if hasattr(conv, "_host_managed"):
+        with ops.cast_weights(conv, x) if conv._host_managed() else \
+                contextlib.nullcontext((ops._cast(conv.weight, x), ops._cast(conv.bias, x))) as (weight, bias):
+            return _upsample_phases(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    # 16-bit storage is up-cast as the casting layers do per call; the taps are summed in float32
+    weight = conv.weight.to(device=x.device, dtype=x.dtype)
+    bias = None if conv.bias is None else conv.bias.to(device=x.device, dtype=x.dtype)
+    return _upsample_phases(x, weight, bias)
+
+
+def _upsample_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     b, _, h, w = x.shape
     xp = F.pad(x, (1, 1, 1, 1))
     out = x.new_empty(b, weight.shape[0], h, 2, w, 2)

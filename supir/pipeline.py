@@ -22,7 +22,6 @@ applies ``restore_cfg`` and the linear control scale (the official DPM++ sampler
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 

@@ -5,6 +5,7 @@ down/upsampling, the mid block, Encoder and Decoder. :mod:`.vae` assembles them 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
