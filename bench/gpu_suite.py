@@ -25,6 +25,7 @@ scaled to the tiny model, 2 steps, to check the script end to end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -64,6 +65,26 @@ def random_source(shapes: dict, dtype: torch.dtype, device: torch.device, seed: 
     src = RandomSource()
     src.name = name
     return src
+
+
+@contextlib.contextmanager
+def _vae_staging(staging):
+    """Run the engine with its tiled-VAE maps staged on ``staging`` (the engine's own default is the CPU)."""
+    from photo_restoration.supir import pipeline
+    from photo_restoration.supir.vae import VAETiling
+
+    plain = pipeline.vae_tiling
+
+    def staged(s):
+        t = plain(s)
+        return None if t is None else VAETiling(encoder_tile_size=t.encoder_tile_size,
+                                                decoder_tile_size=t.decoder_tile_size, staging=staging)
+
+    pipeline.vae_tiling = staged
+    try:
+        yield
+    finally:
+        pipeline.vae_tiling = plain
 
 
 def _sync(device: torch.device) -> None:
@@ -172,13 +193,16 @@ class Suite:
         x = torch.nn.functional.interpolate(torch.rand(1, 3, size // 16, size // 16, generator=g), size=(size, size),
                                             mode="bicubic", align_corners=False).clamp(0, 1).mul(2).sub(1)
         cond, uncond = self.cond()
-        settings = RestoreSettings(steps=steps, cfg_scale=4.0, cfg_scale_start=1.0, tiled=tiled, tile_size=st,
-                                   tile_stride=ss, tile_batch_size=1, vae_tiling=vae_tiling, seed=0)
+        settings = RestoreSettings(steps=steps, cfg_scale=4.0, cfg_scale_start=1.0, tiling="on" if tiled else "off",
+                                   tile_size=st * 8, tile_stride=ss * 8, tile_batch_size=1,
+                                   tiled_vae=vae_tiling is not None, encoder_tile_size=vt_enc,
+                                   decoder_tile_size=vt_dec * 8, seed=0)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = restore_tensor(x.to(self.device), model, settings, cond=cond, uncond=uncond)
+            with _vae_staging(staging):
+                out = restore_tensor(x.to(self.device), model, settings, cond=cond, uncond=uncond)
         _sync(self.device)
         seconds = time.perf_counter() - t0
         result = {"case": name, "size": size, "steps": steps, "seconds": round(seconds, 2),
