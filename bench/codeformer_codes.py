@@ -18,7 +18,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(1, os.environ.get("SHARED_BENCH", "/work/shared/bench"))
+sys.path.insert(1, os.environ.get("SHARED_BENCH", str(Path(__file__).resolve().parents[2] / "shared" / "bench")))
 
 from checkout import import_pack  # noqa: E402
 

@@ -23,8 +23,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 SHARED_BENCH = Path(os.environ.get("SHARED_BENCH", HERE.parents[2] / "shared" / "bench"))
-if not SHARED_BENCH.is_dir():
-    SHARED_BENCH = Path("/work/shared/bench")
 sys.path.insert(1, str(SHARED_BENCH))
 
 from checkout import import_pack  # noqa: E402

@@ -18,7 +18,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-SHARED_BENCH = Path(os.environ.get("SHARED_BENCH", "/work/shared/bench"))
+SHARED_BENCH = Path(os.environ.get("SHARED_BENCH", Path(__file__).resolve().parents[2] / "shared" / "bench"))
 sys.path.insert(1, str(SHARED_BENCH))
 
 import side_impl  # noqa: E402  (imports the pack from this checkout)
