@@ -22,7 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-SHARED_BENCH = Path(os.environ.get("SHARED_BENCH", HERE.parents[2] / "shared" / "bench"))
+SHARED_BENCH = Path(os.environ.get("SHARED_BENCH", HERE.parents[1] / "shared" / "bench"))
 sys.path.insert(1, str(SHARED_BENCH))
 
 from checkout import import_pack  # noqa: E402
