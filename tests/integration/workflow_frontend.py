@@ -45,7 +45,15 @@ def start_server(comfy: Path, base: Path):
         for node in json.loads(wf.read_text())["nodes"]:
             if node["type"] == "LoadImage":
                 Image.new("RGB", (96, 80), (120, 110, 100)).save(base / "input" / node["widgets_values"][0])
-    return ComfyServer(comfy, base).start()
+    # ComfyUI-Distributed (for the scale-out examples), copied since it writes into its own folder
+    extra = {}
+    dist = ROOT.parent / "shared" / "comfyui-distributed" / "1.4.4"
+    if dist.is_dir():
+        import shutil
+
+        shutil.copytree(dist, base / "ComfyUI-Distributed")
+        extra["ComfyUI-Distributed"] = base / "ComfyUI-Distributed"
+    return ComfyServer(comfy, base, custom_nodes=extra).start()
 
 
 def measure(page, workflow: dict) -> dict[int, dict]:
