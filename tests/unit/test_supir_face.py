@@ -120,3 +120,34 @@ def test_supir_face_cancel_stops_inside_supir(loaded, fixed_face):
     with pytest.raises(Cancelled):  # and the face pipeline's own checks go to the same callbacks
         restore_faces(picture(), net, comfy.load(det["detector"]), None, FaceSettings(batch_size=1),
                       callbacks=FM.FacePipelineCallbacks(CancelAtOnce()))
+
+
+def test_supir_face_geometry_matches_the_official_helper_on_the_parity_fixture(monkeypatch):
+    """The face mode's crops and paste are the official helper's: on the facexlib align/paste fixture (upscale 1,
+    square mask), SUPIR face mode with a stand-in SUPIR that inverts the face (the fixture's restored face is
+    255 - crop) gives the fixture's crop and pasted picture."""
+    from tests.parity.harness import load_cases
+
+    cases = [c for c in load_cases("codeformer") if getattr(c, "name", "") == "align_paste_facexlib_up1"]
+    if not cases:
+        pytest.skip("parity fixture align_paste_facexlib_up1 absent")
+    case = cases[0]
+    bgr = case.tensor(case["inputs"]["image_bgr_u8"]).numpy()
+    lms = case.tensor(case["inputs"]["landmarks"]).numpy().reshape(len(bgr) and -1, 10)
+    rows = np.concatenate([np.zeros((len(lms), 4), np.float32), np.ones((len(lms), 1), np.float32), lms], 1)
+    detector = type("Fixed", (), {"detect": lambda self, img, *a, **k: rows})()
+    seen = []
+    monkeypatch.setattr(FM.E, "restore", lambda x, *a, **k: seen.append(x.clone()) or 1 - x)
+    net = FM.SupirFaceNet(None, settings(), face_resolution=512)
+    img = torch.from_numpy(bgr[:, :, ::-1].astype(np.float32) / 255.0)[None]
+    res = restore_faces(img, net, detector, None, FaceSettings(helper="facexlib", use_parse=False, batch_size=1,
+                                                               eye_dist_threshold=0, gray_threshold=-1))
+    ref_crops = case.tensor(case["outputs"]["cropped_bgr_u8"]).numpy()[:, :, :, ::-1]
+    assert len(seen) == len(lms) >= 1 and net.received == [(3, 512, 512)] * len(lms)
+    got_crops = np.stack([np.round(s[0].permute(1, 2, 0).numpy() * 255) for s in seen])
+    assert np.abs(got_crops - ref_crops).max() <= 1
+    ref = case.tensor(case["outputs"]["pasted_bgr_u8"]).numpy()[:, :, ::-1].astype(np.int64)
+    got = np.floor(res.images[0].numpy() * 255 + 1e-4).astype(np.int64)
+    diff = np.abs(got - ref)
+    assert diff.max() <= 2 and (diff >= 2).mean() <= 0.001, (diff.max(), (diff > 0).mean())
+    assert (res.mask[0] > 0.5).float().mean() > 0.05  # a real face was pasted, not the input returned
