@@ -133,7 +133,7 @@ def test_supir_face_geometry_matches_the_official_helper_on_the_parity_fixture(m
         pytest.skip("parity fixture align_paste_facexlib_up1 absent")
     case = cases[0]
     bgr = case.tensor(case["inputs"]["image_bgr_u8"]).numpy()
-    lms = case.tensor(case["inputs"]["landmarks"]).numpy().reshape(len(bgr) and -1, 10)
+    lms = case.tensor(case["inputs"]["landmarks"]).numpy().reshape(-1, 10)
     rows = np.concatenate([np.zeros((len(lms), 4), np.float32), np.ones((len(lms), 1), np.float32), lms], 1)
     detector = type("Fixed", (), {"detect": lambda self, img, *a, **k: rows})()
     seen = []
