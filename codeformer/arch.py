@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..supir.conv import phase_kernels
+
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-6
 LAYER_NORM_EPS = 1e-5
@@ -131,18 +133,13 @@ class Upsample(nn.Module):
         # output pixel phase (taps falling on the same source pixel summed): 16 instead of 36 multiply-adds
         # per output value, and no 4x upsampled map (float32 only: 16-bit weights would round the sums).
         n, _, h, wd = x.shape
-        xp = F.pad(x, (1, 1, 1, 1))
         out = x.new_empty(n, w.shape[0], h, 2, wd, 2)
-        for a, rows in enumerate(_phase_taps(w, 2)):
-            for c, kernel in enumerate(_phase_taps(rows, 3)):
-                out[:, :, :, a, :, c] = F.conv2d(xp[:, :, a:a + h + 1, c:c + wd + 1], kernel, b)
+        for p, kernel in enumerate(phase_kernels(w)):
+            a, c = divmod(p, 2)
+            # the 2x2 kernel over the zero-padded input gives (h+1) x (w+1) values; phase (a, c) is the
+            # window starting at (a, c) (no padded copy or strided slice of the input per phase)
+            out[:, :, :, a, :, c] = F.conv2d(x, kernel, b, padding=1)[:, :, a:a + h, c:c + wd]
         return out.view(n, w.shape[0], 2 * h, 2 * wd)
-
-
-def _phase_taps(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Along ``dim`` (3 taps): the 2 taps of even output pixels (w0, w1 + w2) and of odd ones (w0 + w1, w2)."""
-    w0, w1, w2 = w.unbind(dim)
-    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
 
 
 class Encoder(nn.Module):

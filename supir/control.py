@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .unet import (Conv2d, CrossAttention, SDXLUNet, Upsample, constant_context, decoder_layout, embed,
-                   group_norm, make_embeddings, make_encoder, run_layer, unet_config)
+from .unet import (Conv2d, CrossAttention, SDXLUNet, Upsample, channel_major, constant_context, decoder_layout,
+                   embed, group_norm, make_embeddings, make_encoder, run_layer, unet_config)
 
 Scale = float | torch.Tensor
 
@@ -66,9 +66,12 @@ class ZeroCrossAttn(nn.Module):
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, control_scale: Scale = 1.0) -> torch.Tensor:
         b, c, h, w = x.shape
-        xn = self.norm1(x).flatten(2).transpose(1, 2).contiguous()  # one copy, not one per Linear
-        cn = self.norm2(context).flatten(2).transpose(1, 2).contiguous()
-        y = self.attn(xn, cn).transpose(1, 2).reshape(b, c, h, w)
+        cn = self.norm2(context).flatten(2).transpose(1, 2).contiguous()  # one copy, not one per Linear
+        if channel_major(x):
+            y = self.attn.forward_cm(self.norm1(x).flatten(2).transpose(0, 1), cn).transpose(0, 1)
+        else:
+            y = self.attn(self.norm1(x).flatten(2).transpose(1, 2).contiguous(), cn).transpose(1, 2)
+        y = y.reshape(b, c, h, w)
         return x + y * _scale(control_scale, y)
 
 

@@ -43,10 +43,30 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     return F.conv2d(x, weight, bias, stride, padding)
 
 
-def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Along ``dim`` (size 3): the 2 taps seen by even output pixels (w0, w1 + w2) and by odd ones (w0 + w1, w2)."""
-    w0, w1, w2 = w.unbind(dim)
-    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+# which 3x3 taps (row or column 0..2) fall on source offset 0 / 1 of an output pixel of phase 0 / 1
+_PHASE_TAPS = {0: ((0,), (1, 2)), 1: ((0, 1), (2,))}
+
+
+def _phase_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[4 phases, 9 taps, 4 taps]: 0/1 entries summing the 3x3 taps into each phase's 2x2 kernel."""
+    m = torch.zeros(4, 9, 4, dtype=dtype, device=device)
+    for a in (0, 1):
+        for c in (0, 1):
+            for i in (0, 1):
+                for j in (0, 1):
+                    for r in _PHASE_TAPS[a][i]:
+                        for s in _PHASE_TAPS[c][j]:
+                            m[2 * a + c, 3 * r + s, 2 * i + j] = 1
+    return m
+
+
+def phase_kernels(w: torch.Tensor) -> list[torch.Tensor]:
+    """The four 2x2 kernels [Co, Ci, 2, 2] (phases (0,0), (0,1), (1,0), (1,1)) of a 3x3 kernel ``w``, each
+    one small GEMM over the taps (one pass over the weight per phase, no stacked intermediates)."""
+    co, ci = w.shape[:2]
+    w9 = w.reshape(co * ci, 9)
+    m = _phase_matrix(w.dtype, w.device)
+    return [torch.mm(w9, m[p]).view(co, ci, 2, 2) for p in range(4)]
 
 
 def _upsample_geometry_ok(x: torch.Tensor, conv: nn.Module) -> bool:
@@ -78,7 +98,7 @@ def _upsample_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     b, _, h, w = x.shape
     xp = F.pad(x, (1, 1, 1, 1))
     out = x.new_empty(b, weight.shape[0], h, 2, w, 2)
-    for a, rows in enumerate(_phase_taps(weight, 2)):
-        for c, kernel in enumerate(_phase_taps(rows, 3)):
-            out[:, :, :, a, :, c] = conv2d(xp[:, :, a:a + h + 1, c:c + w + 1], kernel, bias)
+    for p, kernel in enumerate(phase_kernels(weight)):
+        a, c = divmod(p, 2)
+        out[:, :, :, a, :, c] = conv2d(xp[:, :, a:a + h + 1, c:c + w + 1], kernel, bias)
     return out.view(b, weight.shape[0], 2 * h, 2 * w)

@@ -175,6 +175,30 @@ class Embedding(nn.Embedding, CastWeightBiasOp):
                            self.scale_grad_by_freq, self.sparse)
 
 
+def linear_cm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for channel-major tokens: ``x`` is ``[in, ...]``, the result ``[out, ...]``, computed as
+    ``weight @ x`` (the weight as the GEMM's left operand; on the CPU 15-20 % faster than ``x @ weight.T``
+    at the few hundred token rows of a SUPIR call). The weights come through the layer's casting."""
+    if layer._host_managed():
+        with cast_weights(layer, x) as (w, b):
+            return _linear_cm(x, w, b)
+    return _linear_cm(x, _cast(layer.weight, x), _cast(layer.bias, x))
+
+
+def _linear_cm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    x2 = x.reshape(x.shape[0], -1)
+    out = torch.mm(w, x2) if b is None else torch.addmm(b[:, None], w, x2)
+    return out.view(w.shape[0], *x.shape[1:])
+
+
+def layer_norm_cm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` of a LayerNorm over the first dimension of channel-major tokens ``[C, ...]``; the
+    result is a channel-major view of token-major storage (the norm needs its channels innermost)."""
+    perm = list(range(1, x.dim())) + [0]
+    inv = [x.dim() - 1] + list(range(x.dim() - 1))
+    return layer(x.permute(perm)).permute(inv)
+
+
 CASTABLE: dict[type, type] = {nn.Linear: Linear, nn.Conv2d: Conv2d, nn.GroupNorm: GroupNorm,
                               nn.LayerNorm: LayerNorm, nn.Embedding: Embedding}
 

@@ -84,12 +84,38 @@ class ResBlock(nn.Module):
         return conv(F.silu(norm(h), inplace=True)).add_(self.skip_connection(x))
 
 
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Token-major [B, N, heads*d] -> [B, heads, N, d] (channel = head * d + i)."""
+    b, n, _ = t.shape
+    return t.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def split_heads_cm(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Channel-major [heads*d, B, N] -> [B, heads, N, d], ``d`` innermost (what the fused CPU attention
+    kernel needs; a strided view would fall back to the materialised-scores kernel)."""
+    c, b, n = t.shape
+    return t.view(heads, c // heads, b, n).permute(2, 0, 3, 1).contiguous()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head softmax attention on [B, N, heads*d] tensors (channel = head * d + i)."""
+    """Multi-head softmax attention on token-major [B, N, heads*d] tensors."""
     b, n, _ = q.shape
-    q, k, v = (t.reshape(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(*(split_heads(t, heads) for t in (q, k, v)))
     return out.transpose(1, 2).reshape(b, n, -1)
+
+
+def channel_major(x: torch.Tensor) -> bool:
+    """Whether the transformer blocks run on channel-major tokens ``[C, B, N]`` for the feature map ``x``
+    [B, C, H, W]: on the CPU with at most :data:`CHANNEL_MAJOR_MAX_ROWS` tokens in the batch, where every
+    Linear as ``weight @ tokens`` (:func:`ops.linear_cm`) runs 15-20 % faster than ``tokens @ weight.T``
+    (the 8x8 level of a 256 px call); above that the GEMMs are equal and the transposes would cost more.
+    Elsewhere the tokens stay token-major ``[B, N, C]``."""
+    return (CHANNEL_MAJOR_ON_CPU and x.device.type == "cpu"
+            and x.shape[0] * x.shape[2] * x.shape[3] <= CHANNEL_MAJOR_MAX_ROWS)
+
+
+CHANNEL_MAJOR_MAX_ROWS = 128  # measured on a 2-core AVX-512 CPU (bench/side_by_side.md)
+CHANNEL_MAJOR_ON_CPU = True  # tests compare both layouts on the CPU
 
 
 def constant_context(context: torch.Tensor) -> torch.Tensor:
@@ -137,6 +163,17 @@ class CrossAttention(nn.Module):
             k, v = self.context_kv(context)
         return self.to_out(attention(self.to_q(x), k, v, self.heads))
 
+    def forward_cm(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` for channel-major ``x`` [C, B, N]; ``context`` (if any) stays token-major."""
+        q = split_heads_cm(ops.linear_cm(self.to_q, x), self.heads)
+        if context is None:
+            k, v = (split_heads_cm(ops.linear_cm(layer, x), self.heads) for layer in (self.to_k, self.to_v))
+        else:
+            k, v = (split_heads(t, self.heads) for t in self.context_kv(context))
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, d]
+        b, h, n, d = out.shape
+        return ops.linear_cm(self.to_out[0], out.permute(1, 3, 0, 2).reshape(h * d, b, n))
+
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling() or not (self.cache_kv and getattr(context, "_kv_cacheable", False)):
             return self.to_k(context), self.to_v(context)
@@ -174,6 +211,10 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def forward_cm(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = ops.linear_cm(self.net[0].proj, x).chunk(2, dim=0)
+        return ops.linear_cm(self.net[2], F.gelu(gate).mul_(a))
+
 
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
@@ -190,6 +231,12 @@ class BasicTransformerBlock(nn.Module):
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
+    def forward_cm(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` on channel-major tokens [C, B, N] (each sum lands in the fresh branch output)."""
+        x = self.attn1.forward_cm(ops.layer_norm_cm(self.norm1, x)).add_(x)
+        x = self.attn2.forward_cm(ops.layer_norm_cm(self.norm2, x), context).add_(x)
+        return self.ff.forward_cm(ops.layer_norm_cm(self.norm3, x)).add_(x)
+
 
 class SpatialTransformer(nn.Module):
     """GN(eps 1e-6) -> tokens -> Linear proj_in -> transformer blocks -> Linear proj_out -> + input."""
@@ -204,6 +251,13 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        context = context.to(x.dtype)
+        if channel_major(x):
+            t = ops.linear_cm(self.proj_in, self.norm(x).flatten(2).transpose(0, 1))  # [C, B, HW]
+            for block in self.transformer_blocks:
+                t = block.forward_cm(t, context)
+            t = ops.linear_cm(self.proj_out, t)
+            return x + t.transpose(0, 1).reshape(b, c, h, w)  # x first: the sum takes x's layout
         # tokens made contiguous once: a strided [B, HW, C] input would make every Linear a batched GEMM
         # that packs its weight once per sample
         t = self.norm(x).flatten(2).transpose(1, 2).contiguous()

@@ -2,7 +2,9 @@
 
 * small CPU feature maps convolve through one GEMM (``supir.unet.conv2d``): equal to ``F.conv2d``;
 * cross-attention keys/values of an unchanged text context are reused across calls: outputs equal a
-  fresh computation, and a new context or new weights are never served from the cache.
+  fresh computation, and a new context or new weights are never served from the cache;
+* on the CPU the transformer blocks run on channel-major tokens (``weight @ tokens``): the same eps as
+  the token-major path, with an unchanged (contiguous) output layout.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from photo_restoration.supir import conv as convmod
+from photo_restoration.supir import unet as unetmod
 from photo_restoration.supir.control import SupirDiffusion
 from photo_restoration.supir.conv import conv2d, upsample_conv3x3
 from photo_restoration.supir.loader import load_diffusion
@@ -130,3 +133,19 @@ def test_cache_is_not_in_the_state_dict(tiny_diffusion):
     x, t, ctx, y, hint = _inputs(2)
     _run(tiny_diffusion, x, t, ctx, y, hint, cache=True)
     assert not any("kv_cache" in k for k in tiny_diffusion.state_dict())
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_channel_major_tokens_give_the_token_major_eps(tiny_diffusion, monkeypatch, batch):
+    m = tiny_diffusion
+    x, t, ctx, y, hint = (v[:batch] for v in _inputs(3))
+    monkeypatch.setattr(unetmod, "CHANNEL_MAJOR_ON_CPU", False)
+    want = _run(m, x, t, ctx, y, hint, cache=False)
+    monkeypatch.setattr(unetmod, "CHANNEL_MAJOR_ON_CPU", True)
+    calls = []
+    linear_cm = unetmod.ops.linear_cm
+    monkeypatch.setattr(unetmod.ops, "linear_cm", lambda *a: calls.append(1) or linear_cm(*a))
+    got = _run(m, x, t, ctx, y, hint, cache=False)
+    assert calls  # the channel-major Linear path ran
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
