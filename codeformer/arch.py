@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..supir.conv import phase_kernels
+from ..subpixel import phase_kernels
 
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-6

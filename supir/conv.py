@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from ..subpixel import phase_kernels
 
 GEMM_CONV_MAX_PIXELS = 64
 
@@ -41,32 +42,6 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
             out = torch.addmm(bias[:, None], wmat, cols) if bias is not None else wmat @ cols
             return out.view(co, b, ho, wo).transpose(0, 1).contiguous()
     return F.conv2d(x, weight, bias, stride, padding)
-
-
-# which 3x3 taps (row or column 0..2) fall on source offset 0 / 1 of an output pixel of phase 0 / 1
-_PHASE_TAPS = {0: ((0,), (1, 2)), 1: ((0, 1), (2,))}
-
-
-def _phase_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[4 phases, 9 taps, 4 taps]: 0/1 entries summing the 3x3 taps into each phase's 2x2 kernel."""
-    m = torch.zeros(4, 9, 4, dtype=dtype, device=device)
-    for a in (0, 1):
-        for c in (0, 1):
-            for i in (0, 1):
-                for j in (0, 1):
-                    for r in _PHASE_TAPS[a][i]:
-                        for s in _PHASE_TAPS[c][j]:
-                            m[2 * a + c, 3 * r + s, 2 * i + j] = 1
-    return m
-
-
-def phase_kernels(w: torch.Tensor) -> list[torch.Tensor]:
-    """The four 2x2 kernels [Co, Ci, 2, 2] (phases (0,0), (0,1), (1,0), (1,1)) of a 3x3 kernel ``w``, each
-    one small GEMM over the taps (one pass over the weight per phase, no stacked intermediates)."""
-    co, ci = w.shape[:2]
-    w9 = w.reshape(co * ci, 9)
-    m = _phase_matrix(w.dtype, w.device)
-    return [torch.mm(w9, m[p]).view(co, ci, 2, 2) for p in range(4)]
 
 
 def _upsample_geometry_ok(x: torch.Tensor, conv: nn.Module) -> bool:
