@@ -10,7 +10,8 @@ Official: SGM runs every convolution through ``F.conv2d`` and upsamples with ``F
   convolutions of the *input* (one per output pixel phase, with the 3x3 taps that fall on the same
   source pixel summed), interleaved: 16 instead of 36 multiply-adds per output pixel and channel, and
   the 4x larger upsampled map is never built. Used in float32 only (16-bit weights would round the
-  summed taps).
+  summed taps). The phase kernels come from :func:`photo_restoration.subpixel.phase_kernels` (one
+  small GEMM per phase: 27 instead of 87 ms for a 1280-channel kernel).
 """
 from __future__ import annotations
 

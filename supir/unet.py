@@ -3,6 +3,13 @@
 The configuration is a plain dict (see :func:`unet_config`); every module name equals the official
 one, so ``state_dict()`` keys are exactly those under ``model.diffusion_model.`` in an SDXL file.
 Blocks are shared with GLVControl (:mod:`.control`), which reuses the encoder half.
+
+Deliberately different from SGM (same sums, float32 rounding order only): attention through
+``scaled_dot_product_attention`` (no materialised scores); on the CPU, transformer blocks with at most
+:data:`CHANNEL_MAJOR_MAX_ROWS` tokens per batch (the 8x8 level of a 256 px call) keep their tokens
+channel-major, ``[C, B, N]``, so every Linear is ``weight @ tokens`` (:func:`.ops.linear_cm`), which MKL
+runs 15-20 % faster than ``tokens @ weight.T`` at 128 rows; cross-attention keys/values of an
+unchanged text context are reused (:class:`CrossAttention`).
 """
 from __future__ import annotations
 
@@ -106,11 +113,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
 
 def channel_major(x: torch.Tensor) -> bool:
     """Whether the transformer blocks run on channel-major tokens ``[C, B, N]`` for the feature map ``x``
-    [B, C, H, W]: on the CPU with at most :data:`CHANNEL_MAJOR_MAX_ROWS` tokens in the batch, where every
+    [B, C, H, W]: float32 on the CPU with at most :data:`CHANNEL_MAJOR_MAX_ROWS` tokens in the batch, where every
     Linear as ``weight @ tokens`` (:func:`ops.linear_cm`) runs 15-20 % faster than ``tokens @ weight.T``
     (the 8x8 level of a 256 px call); above that the GEMMs are equal and the transposes would cost more.
     Elsewhere the tokens stay token-major ``[B, N, C]``."""
-    return (CHANNEL_MAJOR_ON_CPU and x.device.type == "cpu"
+    return (CHANNEL_MAJOR_ON_CPU and x.device.type == "cpu" and x.dtype == torch.float32
             and x.shape[0] * x.shape[2] * x.shape[3] <= CHANNEL_MAJOR_MAX_ROWS)
 
 

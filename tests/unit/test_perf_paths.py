@@ -149,3 +149,16 @@ def test_channel_major_tokens_give_the_token_major_eps(tiny_diffusion, monkeypat
     assert calls  # the channel-major Linear path ran
     assert got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no float8")
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_table_upcast_is_bit_identical_to_torch(fp8, dtype):
+    from photo_restoration.supir.ops import fp8_upcast
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(getattr(torch, fp8))
+    w = codes[torch.randperm(256, generator=torch.Generator().manual_seed(0))].repeat(3).view(16, 48)
+    got, want = fp8_upcast(w, dtype), w.to(dtype)
+    assert got.shape == want.shape and got.dtype == dtype
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(bits), want.view(bits))  # NaN payloads included
