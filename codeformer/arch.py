@@ -99,8 +99,8 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         y = self.norm(x)
 
-        def tokens(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, 1, HW, C)
-            return t.reshape(b, 1, c, h * w).transpose(2, 3)
+        def tokens(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, 1, HW, C), C innermost for the fused kernel
+            return t.reshape(b, 1, c, h * w).transpose(2, 3).contiguous()
 
         o = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
         o = o.transpose(2, 3).reshape(b, c, h, w).contiguous()
