@@ -194,7 +194,7 @@ class Embedding(nn.Embedding, CastWeightBiasOp):
 def linear_cm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for channel-major tokens: ``x`` is ``[in, ...]``, the result ``[out, ...]``, computed as
     ``weight @ x`` (the weight as the GEMM's left operand; on the CPU 15-20 % faster than ``x @ weight.T``
-    at the few hundred token rows of a SUPIR call). The weights come through the layer's casting."""
+    at 128 token rows). The weights come through the layer's casting."""
     if layer._host_managed():
         with cast_weights(layer, x) as (w, b):
             return _linear_cm(x, w, b)
