@@ -8,20 +8,25 @@ and VAE decoder (``supir/conv.py``) and CodeFormer's generator (``codeformer/arc
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 # which 3x3 taps (row or column 0..2) fall on source offset 0 / 1 of an output pixel of phase 0 / 1
 _PHASE_TAPS = {0: ((0,), (1, 2)), 1: ((0, 1), (2,))}
 
 
-@functools.lru_cache(maxsize=16)
+_PHASE_MATRICES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def _phase_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[4 phases, 9 taps, 4 taps]: 0/1 entries summing the 3x3 taps into each phase's 2x2 kernel (cached,
-    made outside inference mode so that any later caller may use it)."""
-    with torch.inference_mode(False):
+    made outside inference mode so that any later caller may use it; built in place while compiling)."""
+    if torch.compiler.is_compiling():
         return _build_phase_matrix(dtype, device)
+    m = _PHASE_MATRICES.get((dtype, device))
+    if m is None:
+        with torch.inference_mode(False):
+            m = _PHASE_MATRICES[(dtype, device)] = _build_phase_matrix(dtype, device)
+    return m
 
 
 def _build_phase_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
