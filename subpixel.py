@@ -48,3 +48,18 @@ def phase_kernels(w: torch.Tensor) -> list[torch.Tensor]:
     w9 = w.reshape(co * ci, 9)
     m = _phase_matrix(w.dtype, w.device)
     return [torch.mm(w9, m[p]).view(co, ci, 2, 2) for p in range(4)]
+
+
+def interleaved_output(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A new ``[b, channels, 2h, 2w]`` map for the sub-pixel result of ``x`` (``[b, c, h, w]``), channels-last
+    when ``x`` is, and its ``[b, channels, h, 2, w, 2]`` view: phase (a, c) of source pixel (i, j) is
+    ``view[:, :, i, a, j, c]``. (The map is allocated in its final layout: a permuted view of another shape
+    would carry strides that make the next convolution copy it.)"""
+    b, _, h, w = x.shape
+    last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if last:
+        result = torch.empty((b, channels, 2 * h, 2 * w), dtype=x.dtype, device=x.device,
+                             memory_format=torch.channels_last)
+        return result, result.permute(0, 2, 3, 1).view(b, h, 2, w, 2, channels).permute(0, 5, 1, 2, 3, 4)
+    result = x.new_empty(b, channels, 2 * h, 2 * w)
+    return result, result.view(b, channels, h, 2, w, 2)

@@ -12,6 +12,11 @@ Three parts, with parameter names equal to the official ``params_ema`` state dic
 Numerics follow the reference: GroupNorm(32, eps 1e-6), LayerNorm eps 1e-5, swish, exact GELU, AdaIN with unbiased
 variance and eps 1e-5 inside the square root. Codes are looked up with an embedding lookup (no one-hot matmul), so the
 network runs in float16/bfloat16 as well. Attention uses ``scaled_dot_product_attention``.
+
+Deliberately different, same values within float32 rounding: on the CPU in float32 the autoencoder runs its maps
+channels-last (oneDNN's convolutions there take ~0.7x the time at 64-128 channels) with the pack's exact
+GroupNorm (:mod:`..groupnorm`; ATen's channels-last GroupNorm is not exact enough), whose second norm of each
+ResBlock writes in place into the fresh convolution output; the result is returned contiguous.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..subpixel import phase_kernels
+from .. import groupnorm, layout
+from ..layout import channels_last
+from ..subpixel import interleaved_output, phase_kernels
 
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-6
@@ -59,8 +66,17 @@ class CodeFormerConfig:
         return self.nf * self.ch_mult[level]
 
 
-def normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GROUP_NORM_GROUPS, channels, eps=GROUP_NORM_EPS, affine=True)
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` through :func:`..groupnorm.group_norm` (exact in both memory layouts), optionally
+    into a buffer and with the swish that follows it."""
+
+    def forward(self, x: Tensor, silu: bool = False, out: Tensor | None = None) -> Tensor:
+        return groupnorm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, out=out)
+
+
+def normalize(channels: int) -> GroupNorm:
+    return GroupNorm(GROUP_NORM_GROUPS, channels, eps=GROUP_NORM_EPS, affine=True)
+
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
@@ -79,9 +95,9 @@ class ResBlock(nn.Module):
         self.conv_out = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in place on fresh tensors: lower peak memory
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
-        return h.add_(x if self.conv_out is None else self.conv_out(x))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True, out=h))  # in place on the fresh conv output: lower peak memory
+        return h.add_(x if self.conv_out is None else layout.conv1x1(x, self.conv_out.weight, self.conv_out.bias))
 
 
 class AttnBlock(nn.Module):
@@ -133,13 +149,14 @@ class Upsample(nn.Module):
         # output pixel phase (taps falling on the same source pixel summed): 16 instead of 36 multiply-adds
         # per output value, and no 4x upsampled map (float32 only: 16-bit weights would round the sums).
         n, _, h, wd = x.shape
-        out = x.new_empty(n, w.shape[0], h, 2, wd, 2)
+        co = w.shape[0]
+        result, out = interleaved_output(x, co)  # the 2x map in x's layout; its [n, co, h, a, w, c] view
         for p, kernel in enumerate(phase_kernels(w)):
             a, c = divmod(p, 2)
             # the 2x2 kernel over the zero-padded input gives (h+1) x (w+1) values; phase (a, c) is the
             # window starting at (a, c) (no padded copy or strided slice of the input per phase)
             out[:, :, :, a, :, c] = F.conv2d(x, kernel, b, padding=1)[:, :, a:a + h, c:c + wd]
-        return out.view(n, w.shape[0], 2 * h, 2 * wd)
+        return result
 
 
 class Encoder(nn.Module):
@@ -336,7 +353,7 @@ class CodeFormer(nn.Module):
         size = self.config.img_size
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (size, size):
             raise ValueError(f"CodeFormer expects faces shaped (B, 3, {size}, {size}), got {tuple(x.shape)}")
-        x = x.to(self.position_emb.dtype)
+        x = channels_last(x.to(self.position_emb.dtype))
         return self.encoder(x, keep=tuple(self.fuse_convs_dict.keys()) if keep_features else ())
 
     def predict_logits(self, lq_feat: Tensor) -> Tensor:
@@ -351,13 +368,13 @@ class CodeFormer(nn.Module):
         """Generator from codebook features, fusing encoder features with fidelity ``w`` (skipped when no w > 0)."""
         weight = _fidelity(w, quant.shape[0], quant)
         fuse = {i: r for r, i in self.generator.taps.items() if r in self.fuse_convs_dict} if weight is not None else {}
-        x = quant
+        x = channels_last(quant)
         for i, block in enumerate(self.generator.blocks):
             x = block(x)
             if i in fuse:
                 res = fuse[i]
                 x = self.fuse_convs_dict[res](enc_feats[res], x, weight)
-        return x
+        return x.contiguous()
 
     def forward(self, x: Tensor, w: float | Tensor = 0.5, adain: bool = True,
                 return_codes: bool = False) -> Tensor | CodeFormerOutput:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ..subpixel import phase_kernels
+from ..subpixel import interleaved_output, phase_kernels
 
 GEMM_CONV_MAX_PIXELS = 64
 
@@ -72,13 +72,14 @@ def upsample_conv3x3(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _upsample_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     b, _, h, w = x.shape
+    co = weight.shape[0]
     small = h * w <= GEMM_CONV_MAX_PIXELS
     xp = F.pad(x, (1, 1, 1, 1)) if small else None
-    out = x.new_empty(b, weight.shape[0], h, 2, w, 2)
+    result, out = interleaved_output(x, co)  # the 2x map in x's layout; its [b, co, h, a, w, c] view
     for p, kernel in enumerate(phase_kernels(weight)):
         a, c = divmod(p, 2)
         if small:  # the phase's (h+1) x (w+1) input window through the GEMM path
             out[:, :, :, a, :, c] = conv2d(xp[:, :, a:a + h + 1, c:c + w + 1], kernel, bias)
         else:  # the 2x2 kernel over the zero-padded input; phase (a, c) is the window at (a, c) of the result
             out[:, :, :, a, :, c] = F.conv2d(x, kernel, bias, padding=1)[:, :, a:a + h, c:c + w]
-    return out.view(b, weight.shape[0], 2 * h, 2 * w)
+    return result

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import groupnorm, layout
+
 FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
 
 DTYPE_NAMES = {
@@ -162,10 +164,28 @@ class Conv2d(nn.Conv2d, CastWeightBiasOp):
 
 class GroupNorm(nn.GroupNorm, CastWeightBiasOp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._host_managed():
-            with cast_weights(self, x) as (w, b):
-                return F.group_norm(x, self.num_groups, w, b, self.eps)
-        return F.group_norm(x, self.num_groups, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+        return group_norm(self, x)
+
+
+def conv1x1(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a plain or casting 1x1 convolution, as one GEMM on a channels-last map
+    (:func:`layout.conv1x1`)."""
+    if getattr(layer, "_host_managed", None) is not None and layer._host_managed():
+        with cast_weights(layer, x) as (w, b):
+            return layout.conv1x1(x, w, b)
+    return layout.conv1x1(x, _cast(layer.weight, x), _cast(layer.bias, x))
+
+
+def group_norm(layer: nn.GroupNorm, x: torch.Tensor, silu: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer(x)`` (then SiLU when ``silu``) for a plain or casting GroupNorm, through the pack's exact
+    GroupNorm (:func:`groupnorm.group_norm`: float32 CPU maps in either memory layout, written into ``out``
+    when it fits; ``out`` may be ``x``, for an in-place norm of a fresh intermediate)."""
+    if getattr(layer, "_host_managed", None) is not None and layer._host_managed():
+        with cast_weights(layer, x) as (w, b):
+            return groupnorm.group_norm(x, layer.num_groups, w, b, layer.eps, silu=silu, out=out)
+    return groupnorm.group_norm(x, layer.num_groups, _cast(layer.weight, x), _cast(layer.bias, x), layer.eps,
+                                silu=silu, out=out)
 
 
 class LayerNorm(nn.LayerNorm, CastWeightBiasOp):

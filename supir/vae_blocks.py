@@ -1,6 +1,12 @@
 """The building blocks of SDXL's AutoencoderKL (official SGM module and parameter names): ResnetBlock, AttnBlock,
 down/upsampling, the mid block, Encoder and Decoder. :mod:`.vae` assembles them into SUPIR's VAE and
 :mod:`.vae_tiled` runs them tile by tile; both import from here, neither from the other's internals.
+
+Deliberately different, same values within float32 rounding: on the CPU in float32, levels of at most
+:data:`CHANNELS_LAST_MAX` channels run channels-last (oneDNN's 3x3 convolutions take 0.8-0.9x the time there),
+with the pack's exact GroupNorm (:func:`.ops.group_norm`), whose second norm of each ResnetBlock and the final
+norm write in place into fresh intermediates (no new map per norm), and 1x1 shortcuts as one GEMM; the
+decoder's output is returned contiguous.
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import layout
+from . import ops
 from .conv import upsample_conv3x3
 
 GN_GROUPS = 32
@@ -19,6 +27,16 @@ GN_EPS = 1e-6
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(GN_GROUPS, channels, eps=GN_EPS, affine=True)
+
+
+CHANNELS_LAST_MAX = 256  # widest level run channels-last on the CPU (oneDNN gains 20-30 % at 128, ~5 % at 256,
+                         # nothing at 512)
+
+
+def channels_last(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """``x`` in the layout a level of ``channels`` runs in: channels-last for float32 CPU levels of at most
+    :data:`CHANNELS_LAST_MAX` channels (exact through :func:`ops.group_norm`), else contiguous."""
+    return layout.channels_last(x) if channels <= CHANNELS_LAST_MAX else x.contiguous()
 
 
 class ResnetBlock(nn.Module):
@@ -35,11 +53,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return self.nin_shortcut(x) if self.in_channels != self.out_channels else x
+        return ops.conv1x1(self.nin_shortcut, x) if self.in_channels != self.out_channels else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in place on fresh intermediates only
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        h = self.conv1(ops.group_norm(self.norm1, x, silu=True))
+        h = self.conv2(ops.group_norm(self.norm2, h, silu=True, out=h))  # in place on the fresh conv output
         return h.add_(self.shortcut(x))
 
 
@@ -147,14 +165,15 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(channels_last(x, self.conv_in.out_channels))
         for level in self.down:
+            h = channels_last(h, level.block[-1].out_channels)
             for block in level.block:
                 h = block(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+        h = self.mid(h.contiguous())
+        return self.conv_out(ops.group_norm(self.norm_out, h, silu=True, out=h))
 
 
 class Decoder(nn.Module):
@@ -178,9 +197,11 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
+        for i in reversed(range(len(self.up))):
+            level = self.up[i]
+            h = channels_last(h, level.block[-1].out_channels)
             for block in level.block:
                 h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+            if hasattr(level, "upsample"):  # in the next level's layout: the 2x map is not copied again
+                h = level.upsample(channels_last(h, self.up[i - 1].block[-1].out_channels))
+        return self.conv_out(ops.group_norm(self.norm_out, h, silu=True, out=h)).contiguous()
