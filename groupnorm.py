@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 1 << 15  # elements per group and chunk: the chunk's centred copy stays in cache
-MIN_ELEMENTS = 1 << 21  # per sample: below this ATen's fused kernel is faster than the chunked passes
+MIN_ELEMENTS = 1 << 21  # per sample, contiguous maps: below this ATen's fused kernel wins even into a new map
 
 
 def _layout(x: torch.Tensor) -> str | None:
@@ -30,13 +30,14 @@ def _layout(x: torch.Tensor) -> str | None:
     return None
 
 
-def fast_path(x: torch.Tensor) -> bool:
+def fast_path(x: torch.Tensor, into_buffer: bool) -> bool:
     """Whether :func:`group_norm` computes ``x`` itself rather than through ATen: float32 on the CPU, 4-D, and
-    either channels-last (always: ATen's is inexact there) or contiguous and large enough to gain."""
+    either channels-last (always: ATen's is inexact there) or contiguous, large enough and written into a
+    buffer (into a new map ATen's fused kernel is as fast)."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     layout = _layout(x)
-    return layout == "nhwc" or (layout == "nchw" and x[0].numel() >= MIN_ELEMENTS)
+    return layout == "nhwc" or (layout == "nchw" and into_buffer and x.numel() >= MIN_ELEMENTS * x.shape[0])
 
 
 def _moments(means: torch.Tensor, m2: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +91,9 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
     """``F.group_norm`` (then ``F.silu`` when ``silu``), written into ``out`` when it is given and fits (the
     same shape, dtype and memory layout as ``x``; ``out`` may be ``x`` itself, for an in-place norm), else
     into a new tensor. Always use the returned tensor. ``x`` is never modified unless it is ``out``."""
-    if not fast_path(x):
+    fits = (out is not None and out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+            and _layout(out) == _layout(x))
+    if not fast_path(x, fits):
         y = F.group_norm(x, groups, weight, bias, eps)
         return F.silu(y, inplace=True) if silu else y
     layout = _layout(x)
@@ -103,8 +106,6 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
         shift = shift * weight.double()
     if bias is not None:
         shift = shift + bias.double()
-    fits = (out is not None and out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
-            and _layout(out) == layout)
     y = out if fits else torch.empty_like(x)
     shape = (n, c, 1, 1)
     torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape), out=y)
