@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import groupnorm, layout
-from ..layout import channels_last
+from ..groupnorm import group_norm as exact_group_norm
+from ..layout import channels_last, conv1x1
 from ..subpixel import interleaved_output, phase_kernels
 
 GROUP_NORM_GROUPS = 32
@@ -67,11 +67,11 @@ class CodeFormerConfig:
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` through :func:`..groupnorm.group_norm` (exact in both memory layouts), optionally
-    into a buffer and with the swish that follows it."""
+    """``nn.GroupNorm`` through :func:`photo_restoration.groupnorm.group_norm` (exact in both memory layouts),
+    optionally into a buffer and with the swish that follows it."""
 
     def forward(self, x: Tensor, silu: bool = False, out: Tensor | None = None) -> Tensor:
-        return groupnorm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, out=out)
+        return exact_group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, out=out)
 
 
 def normalize(channels: int) -> GroupNorm:
@@ -97,7 +97,7 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(self.norm1(x, silu=True))
         h = self.conv2(self.norm2(h, silu=True, out=h))  # in place on the fresh conv output: lower peak memory
-        return h.add_(x if self.conv_out is None else layout.conv1x1(x, self.conv_out.weight, self.conv_out.bias))
+        return h.add_(x if self.conv_out is None else conv1x1(x, self.conv_out.weight, self.conv_out.bias))
 
 
 class AttnBlock(nn.Module):

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import groupnorm, layout
+from ..groupnorm import group_norm as exact_group_norm
+from ..layout import conv1x1 as gemm_conv1x1
 
 FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
 
@@ -169,22 +170,22 @@ class GroupNorm(nn.GroupNorm, CastWeightBiasOp):
 
 def conv1x1(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a plain or casting 1x1 convolution, as one GEMM on a channels-last map
-    (:func:`layout.conv1x1`)."""
+    (:func:`photo_restoration.layout.conv1x1`)."""
     if getattr(layer, "_host_managed", None) is not None and layer._host_managed():
         with cast_weights(layer, x) as (w, b):
-            return layout.conv1x1(x, w, b)
-    return layout.conv1x1(x, _cast(layer.weight, x), _cast(layer.bias, x))
+            return gemm_conv1x1(x, w, b)
+    return gemm_conv1x1(x, _cast(layer.weight, x), _cast(layer.bias, x))
 
 
 def group_norm(layer: nn.GroupNorm, x: torch.Tensor, silu: bool = False,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """``layer(x)`` (then SiLU when ``silu``) for a plain or casting GroupNorm, through the pack's exact
-    GroupNorm (:func:`groupnorm.group_norm`: float32 CPU maps in either memory layout, written into ``out``
-    when it fits; ``out`` may be ``x``, for an in-place norm of a fresh intermediate)."""
+    GroupNorm (:func:`photo_restoration.groupnorm.group_norm`: float32 CPU maps in either memory layout,
+    written into ``out`` when it fits; ``out`` may be ``x``, for an in-place norm of a fresh intermediate)."""
     if getattr(layer, "_host_managed", None) is not None and layer._host_managed():
         with cast_weights(layer, x) as (w, b):
-            return groupnorm.group_norm(x, layer.num_groups, w, b, layer.eps, silu=silu, out=out)
-    return groupnorm.group_norm(x, layer.num_groups, _cast(layer.weight, x), _cast(layer.bias, x), layer.eps,
+            return exact_group_norm(x, layer.num_groups, w, b, layer.eps, silu=silu, out=out)
+    return exact_group_norm(x, layer.num_groups, _cast(layer.weight, x), _cast(layer.bias, x), layer.eps,
                                 silu=silu, out=out)
 
 

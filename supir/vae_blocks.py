@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import layout
+from ..layout import channels_last as cpu_channels_last
 from . import ops
 from .conv import upsample_conv3x3
 
@@ -36,7 +36,7 @@ CHANNELS_LAST_MAX = 256  # widest level run channels-last on the CPU (oneDNN gai
 def channels_last(x: torch.Tensor, channels: int) -> torch.Tensor:
     """``x`` in the layout a level of ``channels`` runs in: channels-last for float32 CPU levels of at most
     :data:`CHANNELS_LAST_MAX` channels (exact through :func:`ops.group_norm`), else contiguous."""
-    return layout.channels_last(x) if channels <= CHANNELS_LAST_MAX else x.contiguous()
+    return cpu_channels_last(x) if channels <= CHANNELS_LAST_MAX else x.contiguous()
 
 
 class ResnetBlock(nn.Module):
