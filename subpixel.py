@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import is_channels_last
+
 # which 3x3 taps (row or column 0..2) fall on source offset 0 / 1 of an output pixel of phase 0 / 1
 _PHASE_TAPS = {0: ((0,), (1, 2)), 1: ((0, 1), (2,))}
 
@@ -56,8 +58,7 @@ def interleaved_output(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, to
     ``view[:, :, i, a, j, c]``. (The map is allocated in its final layout: a permuted view of another shape
     would carry strides that make the next convolution copy it.)"""
     b, _, h, w = x.shape
-    last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if last:
+    if is_channels_last(x):
         result = torch.empty((b, channels, 2 * h, 2 * w), dtype=x.dtype, device=x.device,
                              memory_format=torch.channels_last)
         return result, result.permute(0, 2, 3, 1).view(b, h, 2, w, 2, channels).permute(0, 5, 1, 2, 3, 4)

@@ -15,7 +15,6 @@ Official: SGM runs every convolution through ``F.conv2d`` and upsamples with ``F
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +60,7 @@ def upsample_conv3x3(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not _upsample_geometry_ok(x, conv):
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     if hasattr(conv, "_host_managed"):
-        with ops.cast_weights(conv, x) if conv._host_managed() else \
-                contextlib.nullcontext((ops._cast(conv.weight, x), ops._cast(conv.bias, x))) as (weight, bias):
+        with ops.layer_weights(conv, x) as (weight, bias):
             return _upsample_phases(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     # 16-bit storage is up-cast as the casting layers do per call; the taps are summed in float32
     weight = conv.weight.to(device=x.device, dtype=x.dtype)

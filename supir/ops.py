@@ -168,13 +168,19 @@ class GroupNorm(nn.GroupNorm, CastWeightBiasOp):
         return group_norm(self, x)
 
 
+def layer_weights(layer: nn.Module, x: torch.Tensor):
+    """``with layer_weights(layer, x) as (weight, bias)``: the parameters of a plain or casting layer as its
+    own ``forward`` would use them (the host's or plain casting when host-managed, else :func:`_cast`)."""
+    if getattr(layer, "_host_managed", None) is not None and layer._host_managed():
+        return cast_weights(layer, x)
+    return contextlib.nullcontext((_cast(layer.weight, x), _cast(layer.bias, x)))
+
+
 def conv1x1(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a plain or casting 1x1 convolution, as one GEMM on a channels-last map
     (:func:`photo_restoration.layout.conv1x1`)."""
-    if getattr(layer, "_host_managed", None) is not None and layer._host_managed():
-        with cast_weights(layer, x) as (w, b):
-            return gemm_conv1x1(x, w, b)
-    return gemm_conv1x1(x, _cast(layer.weight, x), _cast(layer.bias, x))
+    with layer_weights(layer, x) as (w, b):
+        return gemm_conv1x1(x, w, b)
 
 
 def group_norm(layer: nn.GroupNorm, x: torch.Tensor, silu: bool = False,
@@ -182,11 +188,8 @@ def group_norm(layer: nn.GroupNorm, x: torch.Tensor, silu: bool = False,
     """``layer(x)`` (then SiLU when ``silu``) for a plain or casting GroupNorm, through the pack's exact
     GroupNorm (:func:`photo_restoration.groupnorm.group_norm`: float32 CPU maps in either memory layout,
     written into ``out`` when it fits; ``out`` may be ``x``, for an in-place norm of a fresh intermediate)."""
-    if getattr(layer, "_host_managed", None) is not None and layer._host_managed():
-        with cast_weights(layer, x) as (w, b):
-            return exact_group_norm(x, layer.num_groups, w, b, layer.eps, silu=silu, out=out)
-    return exact_group_norm(x, layer.num_groups, _cast(layer.weight, x), _cast(layer.bias, x), layer.eps,
-                                silu=silu, out=out)
+    with layer_weights(layer, x) as (w, b):
+        return exact_group_norm(x, layer.num_groups, w, b, layer.eps, silu=silu, out=out)
 
 
 class LayerNorm(nn.LayerNorm, CastWeightBiasOp):
