@@ -191,6 +191,31 @@ def test_comfyui_style_state_dicts_and_stray_keys(tiny_files):
         assert torch.equal(p, q), n
 
 
+def test_an_in_memory_state_dict_is_used_without_a_second_copy(tiny_files):
+    """A dict already in the storage dtype (a loaded pickle, the bench's shared state dict) becomes the weights as
+    it is, as the official builders do: the fp32 SDXL denoiser is 14.4 GiB, two copies do not fit in 24 GiB.
+    Tensors in another dtype or with strides are converted; the caller's tensors are never written."""
+    sdxl, supir = tiny_state_dicts(seed=3)
+    sdxl = {k: v.float() for k, v in sdxl.items()}
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    sdxl[key] = sdxl[key].transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    before = {k: v.clone() for k, v in sdxl.items()}
+    model, _ = load_diffusion(sdxl, supir, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    w = params["diffusion_model.input_blocks.0.0.weight"]
+    assert w.data_ptr() == sdxl["model.diffusion_model.input_blocks.0.0.weight"].data_ptr()
+    c = params["control_model.input_blocks.0.0.weight"]
+    assert c.data_ptr() == supir["model.control_model.input_blocks.0.0.weight"].data_ptr()
+    strided = params["diffusion_model.input_blocks.1.0.in_layers.2.weight"]
+    assert strided.is_contiguous() and torch.equal(strided, before[key])
+    half, _ = load_diffusion(sdxl, supir, dtype=torch.float16)
+    assert half.diffusion_model.input_blocks[0][0].weight.dtype == torch.float16
+    x, hint, ctx, y = inputs(batch=1, h=8, w=8)
+    with torch.no_grad():
+        model(x, torch.tensor([400]), ctx, y, hint, 1.0)
+    assert all(torch.equal(sdxl[k], before[k]) for k in sdxl)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
 def test_low_precision_runs_on_cpu(tiny_files, tiny_model, dtype):
     model, _ = load_diffusion(*tiny_files, dtype=dtype)
