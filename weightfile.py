@@ -92,10 +92,15 @@ class TensorSource:
 
 
 class DictSource(TensorSource):
-    """An in-memory state dict (or a weights-only pickle once loaded)."""
+    """An in-memory state dict (or a weights-only pickle once loaded).
 
-    def __init__(self, sd: Mapping[str, Any], name: str = "state dict", metadata: Mapping[str, str] | None = None):
-        self.sd, self.name, self.metadata = sd, name, dict(metadata or {})
+    Loaders use its tensors as they are when they are already in the wanted dtype and device (no second copy);
+    ``borrowed=True`` marks tensors that stay somebody else's live weights (a ComfyUI MODEL, which its hooks may
+    patch in place): :meth:`get` then hands out copies."""
+
+    def __init__(self, sd: Mapping[str, Any], name: str = "state dict", metadata: Mapping[str, str] | None = None,
+                 borrowed: bool = False):
+        self.sd, self.name, self.metadata, self.borrowed = sd, name, dict(metadata or {}), borrowed
 
     def keys(self) -> list[str]:
         return [k for k, v in self.sd.items() if isinstance(v, torch.Tensor)]
@@ -104,7 +109,7 @@ class DictSource(TensorSource):
         return tuple(self.sd[key].shape)
 
     def get(self, key: str) -> torch.Tensor:
-        return self.sd[key]
+        return self.sd[key].clone() if self.borrowed else self.sd[key]
 
 
 class SafetensorsSource(TensorSource):

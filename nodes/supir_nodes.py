@@ -10,6 +10,7 @@ error naming the input (never spread over the result).
 from __future__ import annotations
 
 from ..supir import pipeline as E
+from ..weightfile import DictSource
 from . import comfy
 from .common import CATEGORY, PREFIX, bchw_to_image, image_to_bchw
 from . import supir_io as IO
@@ -132,7 +133,9 @@ class LoadSupirFromModel:
         }}
 
     def load(self, model, clip, vae, supir_checkpoint, weight_dtype, vae_dtype):
-        sdxl = comfy.state_dicts_from_comfy(model, clip, vae)
+        # ComfyUI keeps these tensors as its model's live weights (hooks patch them in place): the loaders copy
+        sdxl = DictSource(comfy.state_dicts_from_comfy(model, clip, vae), "SDXL (ComfyUI MODEL/CLIP/VAE)",
+                          borrowed=True)
         supir = _supir_path(supir_checkpoint)
         return (IO.load_supir_files(sdxl, supir, weight_dtype, vae_dtype, name=supir_checkpoint),)
 

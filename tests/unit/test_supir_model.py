@@ -22,6 +22,7 @@ from photo_restoration.supir.loader import (build_diffusion, detect_adapter_conf
                                             load_supir, read_state_dict)
 from photo_restoration.testing.comfy_layouts import sdxl_state_dict_from_comfy, sgm_to_comfy_clip
 from photo_restoration.supir.unet import SDXL_CONFIG
+from photo_restoration.weightfile import DictSource
 from photo_restoration.testing.tiny_supir import TINY_ADAPTER, TINY_UNET, tiny_state_dicts, write_tiny_supir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,6 +211,10 @@ def test_an_in_memory_state_dict_is_used_without_a_second_copy(tiny_files):
     assert strided.is_contiguous() and torch.equal(strided, before[key])
     half, _ = load_diffusion(sdxl, supir, dtype=torch.float16)
     assert half.diffusion_model.input_blocks[0][0].weight.dtype == torch.float16
+    # a ComfyUI MODEL's live weights (its hooks patch them in place) are borrowed: copied, equal
+    copied, _ = load_diffusion(DictSource(sdxl, "ComfyUI MODEL", borrowed=True), supir, dtype=torch.float32)
+    cw = copied.diffusion_model.input_blocks[0][0].weight
+    assert cw.data_ptr() != w.data_ptr() and torch.equal(cw, w)
     x, hint, ctx, y = inputs(batch=1, h=8, w=8)
     with torch.no_grad():
         model(x, torch.tensor([400]), ctx, y, hint, 1.0)
