@@ -97,8 +97,9 @@ class LoadSupir:
                           "overflows in it). auto: bf16 where supported, else fp32."}),
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the denoiser (control + UNet). The "
-                        "first step of each new image/tile size waits for compilation (minutes); later steps run "
-                        "faster, mostly on GPUs. Needs a C++ compiler on CPU, triton on NVIDIA GPUs."}),
+                        "first step of each new image/tile size waits for compilation (about 3 minutes on an H200); "
+                        "later steps ran about as fast as without it there (bf16, 512 px), so leave it off unless it "
+                        "measurably helps on your machine. Needs a C++ compiler on CPU, triton on NVIDIA GPUs."}),
         }}
 
     def load(self, sdxl_checkpoint, supir_checkpoint, weight_dtype, vae_dtype, compile=False):
