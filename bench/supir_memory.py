@@ -51,7 +51,10 @@ def child(file_dtype: str, latent: int, seed: int = 0) -> dict:
     from photo_restoration.supir.unet import SDXL_CONFIG
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[file_dtype]
+    if os.environ.get("BENCH_NO_CAST_REUSE"):  # A/B: a fresh tensor per layer cast (supir.ops.reused_cast_buffer off)
+        from photo_restoration.supir import ops
+        ops.REUSE_MIN_NUMEL = 1 << 62
+    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float16}[file_dtype]
     shapes = {"model." + k: tuple(v.shape) for k, v in build_diffusion(SDXL_CONFIG, ADAPTER_CONFIG).state_dict().items()}
 
     class RandomSource(TensorSource):
@@ -70,7 +73,10 @@ def child(file_dtype: str, latent: int, seed: int = 0) -> dict:
 
     src = RandomSource()
     t0 = time.perf_counter()
-    net, _ = load_diffusion(src, src, dtype="fp32")
+    if file_dtype == "fp8":  # an fp16 file stored as float8_e4m3fn (Load SUPIR's fp8 choice), fp32 compute
+        net, _ = load_diffusion(src, src, dtype="fp8", compute_dtype=torch.float32)
+    else:
+        net, _ = load_diffusion(src, src, dtype="fp32")
     load_s = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in net.parameters())
     storage = sorted({str(p.dtype).replace("torch.", "") for p in net.parameters()})
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(argv[1], int(argv[2]))))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--file-dtype", nargs="+", default=["fp16", "fp32"], choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--file-dtype", nargs="+", default=["fp16", "fp32"], choices=["fp16", "bf16", "fp32", "fp8"],
+                   help="fp8: an fp16 file stored as float8_e4m3fn, fp32 compute")
     p.add_argument("--latent", type=int, default=32)
     args = p.parse_args(argv)
     official = 15.96

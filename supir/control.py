@@ -225,8 +225,9 @@ class SupirDiffusion(nn.Module):
         dtype = self.compute_dtype or x_in.dtype
         out_dtype = x_in.dtype
         x_in, context, y, hint = (t.to(dtype) for t in (x_in, context, y, hint))
-        context = self.text_context(context)
-        timesteps = torch.as_tensor(timesteps, device=x_in.device).reshape(-1).expand(x_in.shape[0])
-        control = self.control_model(hint, timesteps, x_in, context, y)
-        eps = self.diffusion_model(x_in, timesteps, context, y, control, control_scale)
+        with ops.reused_cast_buffer():
+            context = self.text_context(context)
+            timesteps = torch.as_tensor(timesteps, device=x_in.device).reshape(-1).expand(x_in.shape[0])
+            control = self.control_model(hint, timesteps, x_in, context, y)
+            eps = self.diffusion_model(x_in, timesteps, context, y, control, control_scale)
         return eps.to(out_dtype)

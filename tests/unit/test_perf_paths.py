@@ -4,7 +4,9 @@
 * cross-attention keys/values of an unchanged text context are reused across calls: outputs equal a
   fresh computation, and a new context or new weights are never served from the cache;
 * on the CPU the transformer blocks run on channel-major tokens (``weight @ tokens``): the same eps as
-  the token-major path, with an unchanged (contiguous) output layout.
+  the token-major path, with an unchanged (contiguous) output layout;
+* 16-bit and fp8 stored weights up-cast into one reused buffer during a call give bit for bit the eps of fresh casts,
+  and the buffer is gone after the call.
 """
 from __future__ import annotations
 
@@ -149,6 +151,28 @@ def test_channel_major_tokens_give_the_token_major_eps(tiny_diffusion, monkeypat
     assert calls  # the channel-major Linear path ran
     assert got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16", "float8_e4m3fn"])
+def test_reused_cast_buffer_gives_the_eps_of_fresh_casts(monkeypatch, storage):
+    from photo_restoration.supir import ops
+    if not hasattr(torch, storage):
+        pytest.skip(f"this torch has no {storage}")
+    sdxl, supir = tiny_state_dicts(seed=6)
+    m = load_diffusion(sdxl, supir, dtype=getattr(torch, storage), compute_dtype=torch.float32)[0]
+    assert getattr(torch, storage) in {p.dtype for p in m.parameters()}  # stored narrow, up-cast per layer
+    x, t, ctx, y, hint = _inputs(4)
+    monkeypatch.setattr(ops, "REUSE_MIN_NUMEL", 1 << 62)  # never reuse: a fresh tensor per cast
+    want = _run(m, x, t, ctx, y, hint, cache=False)
+    copies = []
+    cast_once = ops._cast_once
+    monkeypatch.setattr(ops, "REUSE_MIN_NUMEL", 0)  # every cast through the reused buffer
+    monkeypatch.setattr(ops, "_cast_once", lambda p, x: copies.append(getattr(ops._reuse, "buffers", None))
+                        or cast_once(p, x))
+    got = _run(m, x, t, ctx, y, hint, cache=False)
+    assert copies and all(b for b in copies)  # the buffer held the up-casts
+    assert torch.equal(got, want)
+    assert getattr(ops._reuse, "buffers", None) is None  # freed after the call
 
 
 @pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no float8")
