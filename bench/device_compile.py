@@ -1,13 +1,19 @@
 """Device check (bench/device_side_by_side.sh compile): our SUPIR denoiser call, bf16 on the GPU, eager vs torch.compile."""
-import os, sys, time
-sys.path.insert(0, os.environ.get("DEVBENCH", os.path.join(os.path.dirname(__file__), "..", ".devbench", "bench")))
-import torch
-import _common as C, _official as O
-import bench as B
+import os
+import sys
+import time
 
-from photo_restoration.supir.denoiser import SupirDenoiser
-from photo_restoration.supir.loader import load_diffusion
-from photo_restoration.supir.compile import maybe_compile
+sys.path.insert(0, os.environ.get("DEVBENCH", os.path.join(os.path.dirname(__file__), "..", ".devbench", "bench")))
+import torch  # noqa: E402
+import _common as C  # noqa: E402  (the patched ../shared/bench copy)
+import _official as O  # noqa: E402
+import bench as B  # noqa: E402
+from checkout import import_pack  # noqa: E402
+
+import_pack()
+from photo_restoration.supir.denoiser import SupirDenoiser  # noqa: E402
+from photo_restoration.supir.loader import load_diffusion  # noqa: E402
+from photo_restoration.supir.compile import maybe_compile  # noqa: E402
 dev = "cuda"
 shapes = O.supir_shapes(O.SUPIR_DENOISER_PREFIXES)
 t = time.perf_counter()
@@ -15,7 +21,7 @@ sd = C.random_state_dict(shapes, seed=0, dtype=torch.bfloat16)
 print(f"state dict {time.perf_counter() - t:.1f}s", flush=True)
 net, _ = load_diffusion(sd, sd, dtype=torch.bfloat16, device=dev)
 den = SupirDenoiser(net)
-sigma_v = B.ddpm_sigma(500) if hasattr(B, "ddpm_sigma") else 5.0
+sigma_v = B.ddpm_sigma(500)
 
 
 def inputs(lat):

@@ -140,7 +140,7 @@ def _cast_once(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
 def _reused(buffers: dict, dtype: torch.dtype, n: int) -> torch.Tensor:
     flat = buffers.get(dtype)
     if flat is None or flat.numel() < n:
-        buffers[dtype] = None  # let the smaller buffer go before the larger one is made
+        flat = buffers[dtype] = None  # drop every reference to the smaller buffer before the larger one is made
         flat = buffers[dtype] = torch.empty(n, dtype=dtype)
     return flat[:n]
 
