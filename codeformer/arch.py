@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..groupnorm import group_norm as exact_group_norm
 from ..layout import channels_last, conv1x1
 from ..subpixel import interleaved_output, phase_kernels
+from ..winograd import Conv2d as WinogradConv2d
 
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-6
@@ -79,7 +80,7 @@ def normalize(channels: int) -> GroupNorm:
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=padding)
+    return WinogradConv2d(c_in, c_out, 3, stride=stride, padding=padding)
 
 
 class ResBlock(nn.Module):

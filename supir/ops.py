@@ -34,6 +34,7 @@ from torch import nn
 
 from ..groupnorm import group_norm as exact_group_norm
 from ..layout import conv1x1 as gemm_conv1x1
+from ..winograd import Conv2d as WinogradConv2d
 
 FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
 
@@ -205,7 +206,7 @@ class Linear(nn.Linear, CastWeightBiasOp):
         return F.linear(x, _cast_once(self.weight, x), _cast(self.bias, x))
 
 
-class Conv2d(nn.Conv2d, CastWeightBiasOp):
+class Conv2d(WinogradConv2d, CastWeightBiasOp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._host_managed():
             with cast_weights(self, x) as (w, b):

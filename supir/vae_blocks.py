@@ -46,11 +46,11 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = ops.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = ops.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = ops.Conv2d(in_channels, out_channels, 1)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return ops.conv1x1(self.nin_shortcut, x) if self.in_channels != self.out_channels else x
@@ -67,10 +67,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = group_norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = ops.Conv2d(channels, channels, 1)
+        self.k = ops.Conv2d(channels, channels, 1)
+        self.v = ops.Conv2d(channels, channels, 1)
+        self.proj_out = ops.Conv2d(channels, channels, 1)
 
     @staticmethod
     def tokens(x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = ops.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -106,7 +106,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return upsample_conv3x3(self.conv, x)
@@ -151,7 +151,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, mult = cfg.ch, cfg.ch_mult
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         c_in = ch
         for i, m in enumerate(mult):
@@ -162,7 +162,7 @@ class Encoder(nn.Module):
             c_in = c_out
         self.mid = Mid(c_in)
         self.norm_out = group_norm(c_in)
-        self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(channels_last(x, self.conv_in.out_channels))
@@ -183,7 +183,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch, mult = cfg.ch, cfg.ch_mult
         c = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = Mid(c)
         levels: list[Level] = []
         for i in reversed(range(len(mult))):
@@ -193,7 +193,7 @@ class Decoder(nn.Module):
             c = c_out
         self.up = nn.ModuleList(levels)  # indexed by level; run from the last to 0
         self.norm_out = group_norm(c)
-        self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
+        self.conv_out = ops.Conv2d(c, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))

@@ -1,0 +1,120 @@
+"""Winograd F(4x4, 3x3) (photo_restoration.winograd): the same convolution as F.conv2d up to float32 rounding,
+taken only where it is measured to be faster (large float32 CPU maps of 128+ channels)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from photo_restoration import winograd
+from photo_restoration.codeformer.arch import conv3x3 as codeformer_conv3x3
+from photo_restoration.supir import ops
+from photo_restoration.supir.conv import conv2d as supir_conv2d
+
+
+def _reference(x, w, b):
+    return F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+
+
+def _rel(got, ref):
+    return ((got.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 16, 16), (3, 5, 13, 9), (2, 7, 5, 7), (1, 4, 1, 1), (2, 6, 4, 30)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv3x3_equals_the_direct_convolution(shape, channels_last, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, shape[1], 3, 3, generator=g)
+    b = torch.randn(6, generator=g) if bias else None
+    before = x.clone()
+    got = winograd.conv3x3(x, w, b)
+    assert got.shape == (shape[0], 6, shape[2], shape[3])
+    assert _rel(got, _reference(x, w, b)) < 3e-5  # measured <= 9e-6 at 128-1280 channels
+    assert torch.equal(x, before), "the input was modified"
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last and shape[2] * shape[3] > 1
+                             else torch.contiguous_format)
+
+
+def test_bands_cover_the_map_exactly(monkeypatch):
+    """Several bands of tile rows, the last one partial, on a map whose size is no multiple of 4."""
+    monkeypatch.setattr(winograd, "BAND_BYTES", 1)  # one tile row per band
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 19, 10, generator=g)
+    w, b = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
+    assert _rel(winograd.conv3x3(x, w, b), _reference(x, w, b)) < 3e-5
+
+
+def test_full_width_accuracy():
+    """At a full-size width the rounding stays at a few 1e-6 (direct float32 kernels: 1-2e-6)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 256, 64, 64, generator=g)
+    w = torch.randn(256, 256, 3, 3, generator=g) / 48
+    b = torch.randn(256, generator=g)
+    assert _rel(winograd.conv3x3(x, w, b), _reference(x, w, b)) < 3e-5
+
+
+def _applies(x, w, stride=(1, 1), padding=(1, 1)):
+    return winograd.applies(x, w, stride, padding)
+
+
+def test_taken_only_where_measured_faster():
+    w = torch.zeros(128, 128, 3, 3)
+    big = torch.zeros(1, 128, 64, 64)
+    assert _applies(big, w)
+    assert _applies(torch.zeros(2, 128, 32, 32), w)  # 2048 output pixels over the batch
+    assert not _applies(torch.zeros(1, 128, 32, 32), w)  # too small a map
+    assert not _applies(torch.zeros(1, 64, 64, 64), torch.zeros(64, 64, 3, 3))  # too few channels
+    assert not _applies(torch.zeros(1, 128, 64, 64), torch.zeros(3, 128, 3, 3))  # e.g. conv_out to RGB
+    assert not _applies(big, w, stride=(2, 2))
+    assert not _applies(big, w, padding=(0, 0))
+    assert not _applies(big, torch.zeros(128, 128, 1, 1), padding=(0, 0))
+    assert not _applies(big.bfloat16(), w.bfloat16())
+    assert not _applies(big.half(), w.half())
+    assert not _applies(big.requires_grad_(), w)  # autograd goes the plain way
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ops.Conv2d(128, 128, 3, padding=1),
+    lambda: winograd.Conv2d(128, 128, 3, padding=1),
+    lambda: codeformer_conv3x3(128, 128),
+])
+def test_layers_take_it(make, counted):
+    torch.manual_seed(0)
+    layer = make().eval()
+    x = torch.randn(1, 128, 64, 64)
+    with torch.inference_mode():
+        got = layer(x)
+        ref = _reference(x, layer.weight, layer.bias)
+    assert counted == [x.shape]
+    assert _rel(got, ref) < 3e-5
+
+
+def test_supir_unet_conv_takes_it(counted):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 128, 32, 32, generator=g)
+    w, b = torch.randn(128, 128, 3, 3, generator=g) / 34, torch.randn(128, generator=g)
+    got = supir_conv2d(x, w, b, (1, 1), (1, 1))
+    assert counted == [x.shape]
+    assert got.is_contiguous()
+    assert _rel(got, _reference(x, w, b)) < 3e-5
+
+
+def test_fp16_storage_casts_before_the_transform(counted):
+    """An fp16-stored casting layer computes in the input's float32 on the up-cast weight."""
+    torch.manual_seed(0)
+    layer = ops.Conv2d(128, 128, 3, padding=1).half().eval()
+    x = torch.randn(1, 128, 64, 64)
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.dtype == torch.float32 and counted
+    assert _rel(got, _reference(x, layer.weight.float(), layer.bias.float())) < 3e-5
