@@ -130,7 +130,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     mm = x.new_empty(36, b * nb * tw, co)
     half = x.new_empty(4, 6, b, nb, tw, co)
     tmp_rows = x.new_empty(2, b, nb, wp, c)
-    tmp_cols = x.new_empty(2, b, nb, tw, c)
+    tmp_cols = x.new_empty(2, 6, b, nb, tw, c)
     tmp_out = x.new_empty(4, 6, b, nb, tw, co)
     tile_out = None if exact else x.new_empty(b, nb, 4, tw, 4, co)
     for t0 in range(0, th, band):
@@ -142,9 +142,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         xb[:, lo - r0:hi - r0, 1:w + 1].copy_(src[:, lo:hi])
         rb = rows[:, :, :n]
         _input_rows([xb[:, k:k + 4 * n:4] for k in range(6)], rb, tmp_rows[:, :, :n])
-        vb = v[:, :, :, :n]
-        for i in range(6):
-            _input_rows([rb[i][:, :, k:k + 4 * tw:4] for k in range(6)], vb[i], tmp_cols[:, :, :n])
+        vb = v[:, :, :, :n]  # [6 (i), 6 (j), B, n, tw, C]; the columns of all six row positions at once
+        _input_rows([rb[:, :, :, k:k + 4 * tw:4] for k in range(6)], vb.transpose(0, 1), tmp_cols[:, :, :, :n])
         tiles = b * n * tw
         mb = mm[:, :tiles]
         torch.bmm(vb.reshape(36, tiles, c), ut, out=mb)
@@ -155,9 +154,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         _output_rows([m6[i] for i in range(6)], [hb[a] for a in range(4)], tmp_out[:, :, :, :n])
         dest = (out[:, 4 * t0:4 * (t0 + n)].view(b, n, 4, tw, 4, co) if exact
                 else tile_out[:, :n])
-        for a in range(4):
-            _output_rows([hb[a][j] for j in range(6)], [dest[:, :, a, :, s] for s in range(4)],
-                         tmp_out[:, 0, :, :n])
+        # the columns of all four output rows at once: dest[:, :, a, :, s] for a = 0..3
+        _output_rows([hb[:, j] for j in range(6)], [dest[:, :, :, :, s].permute(2, 0, 1, 3, 4) for s in range(4)],
+                     tmp_out[:, :4, :, :n])
         if not exact:
             rr = min(4 * n, h - 4 * t0)
             out[:, 4 * t0:4 * t0 + rr].copy_(dest.reshape(b, 4 * n, 4 * tw, co)[:, :rr, :w])

@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--only", choices=["official", "ours"], default=None)
+    ap.add_argument("--winograd-ab", action="store_true",
+                    help="add a side 'ours-direct': ours with every convolution through F.conv2d (no Winograd)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
@@ -90,9 +92,21 @@ def main() -> None:
         x, s, ctx, y, ctrl = inp
         return den(x, s, {"crossattn": ctx, "vector": y}, ctrl, 1.0)
 
+    def ours_direct():
+        from photo_restoration import winograd
+
+        keep = winograd.MIN_CHANNELS
+        winograd.MIN_CHANNELS = 1 << 30
+        try:
+            return ours()
+        finally:
+            winograd.MIN_CHANNELS = keep
+
     sides = {"official": official, "ours": ours}
     if a.only:
         sides = {a.only: sides[a.only]}
+    if a.winograd_ab:
+        sides["ours-direct"] = ours_direct
     times = {k: [] for k in sides}
     outs = {}
     with torch.inference_mode():
@@ -105,9 +119,9 @@ def main() -> None:
                 times[k].append(time.perf_counter() - t)
     for k, ts in times.items():
         print(f"{k}: min {min(ts):.3f}s  runs {', '.join(f'{t:.3f}' for t in ts)}")
-    if len(outs) == 2:
-        d = (outs["official"] - outs["ours"]).abs().max().item()
-        print(f"ratio ours/official (min): {min(times['ours']) / min(times['official']):.3f}; "
+    for k in [k for k in outs if k != "official" and "official" in outs]:
+        d = (outs["official"] - outs[k]).abs().max().item()
+        print(f"ratio {k}/official (min): {min(times[k]) / min(times['official']):.3f}; "
               f"max|diff| {d:.3e} rel {d / outs['official'].abs().max().item():.3e}")
     if a.no_profile:
         return

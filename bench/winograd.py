@@ -1,0 +1,67 @@
+"""Micro-benchmark behind ``winograd.py``: per convolution shape of SUPIR's VAE, UNet and CodeFormer, oneDNN's
+direct 3x3 convolution (``F.conv2d``, channels-last and contiguous) against Winograd F(4x4, 3x3), and the max
+error of each against float64 (relative to the output's largest value). Shows where the thresholds
+``MIN_CHANNELS`` / ``MIN_OUTPUT_PIXELS`` come from.
+
+    python bench/winograd.py --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout import import_pack  # noqa: E402
+
+import_pack()
+from photo_restoration import winograd  # noqa: E402
+
+# (batch, channels in, channels out, map side): VAE / CodeFormer levels, then SUPIR UNet levels (CFG batch 2)
+SHAPES = [(1, 64, 64, 512), (1, 128, 128, 512), (1, 256, 128, 512), (1, 128, 128, 256), (1, 256, 256, 256),
+          (1, 256, 256, 128), (1, 512, 512, 128), (1, 512, 512, 64), (1, 512, 512, 32), (4, 512, 512, 32),
+          (4, 64, 64, 256), (2, 320, 320, 64), (2, 640, 640, 32), (2, 1280, 1280, 32), (2, 320, 320, 32),
+          (2, 640, 640, 16), (2, 1280, 1280, 16)]
+
+
+def best_s(fn, runs: int) -> tuple[float, torch.Tensor]:
+    best, out = float("inf"), None
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(0)
+    print("B, Cin, Cout, side | direct NCHW, direct channels-last, Winograd (s) | Winograd / best direct | "
+          "max rel err direct, Winograd | taken in production")
+    with torch.inference_mode():
+        for b, ci, co, side in SHAPES:
+            x = torch.randn(b, ci, side, side, generator=g)
+            xl = x.contiguous(memory_format=torch.channels_last)
+            w = torch.randn(co, ci, 3, 3, generator=g) / (3 * ci ** 0.5)
+            bias = torch.randn(co, generator=g)
+            t_nchw, y = best_s(lambda: F.conv2d(x, w, bias, padding=1), a.runs)
+            t_cl, _ = best_s(lambda: F.conv2d(xl, w, bias, padding=1), a.runs)
+            t_w, yw = best_s(lambda: winograd.conv3x3(xl, w, bias), a.runs)
+            ref = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
+            scale = ref.abs().max().item()
+            err = [((o.double() - ref).abs().max().item() / scale) for o in (y, yw)]
+            taken = winograd.applies(x, w, (1, 1), (1, 1))
+            print(f"{b}, {ci}, {co}, {side} | {t_nchw:.3f}, {t_cl:.3f}, {t_w:.3f} | {t_w / min(t_nchw, t_cl):.2f} | "
+                  f"{err[0]:.1e}, {err[1]:.1e} | {'yes' if taken else 'no'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
