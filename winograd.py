@@ -37,7 +37,8 @@ _KERNEL_MATRICES: dict[torch.device, torch.Tensor] = {}
 
 def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation=(1, 1), groups: int = 1) -> bool:
     """Whether :func:`conv3x3` takes this convolution: float32 CPU, 3x3, stride 1, padding 1, large map."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32
             and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[-2:]) == (3, 3) and groups == 1
             and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
             and x.shape[0] * x.shape[-2] * x.shape[-1] >= MIN_OUTPUT_PIXELS
@@ -110,6 +111,13 @@ def _output_rows(m: list[torch.Tensor], out: list[torch.Tensor], tmp: torch.Tens
     out[3].add_(d34, alpha=8)
 
 
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a float32 CPU map and 3x3 kernel, in ``x``'s memory layout
     (channels-last or contiguous)."""
@@ -123,40 +131,41 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     out = torch.empty(b, h, w, co, dtype=x.dtype)
     exact = h % 4 == 0 and w % 4 == 0
     band = max(1, min(th, BAND_BYTES // (36 * b * tw * max(c, co) * 4)))
-    nb = band
-    xin = x.new_empty(b, 4 * nb + 2, wp, c)
-    rows = x.new_empty(6, b, nb, wp, c)
-    v = x.new_empty(6, 6, b, nb, tw, c)
-    mm = x.new_empty(36, b * nb * tw, co)
-    half = x.new_empty(4, 6, b, nb, tw, co)
-    tmp_rows = x.new_empty(2, b, nb, wp, c)
-    tmp_cols = x.new_empty(2, 6, b, nb, tw, c)
-    tmp_out = x.new_empty(4, 6, b, nb, tw, co)
-    tile_out = None if exact else x.new_empty(b, nb, 4, tw, 4, co)
+    # one flat buffer per intermediate, viewed at the band's size (the last band may be shorter and stays dense)
+    shapes = {"xin": (b, 4 * band + 2, wp, c), "rows": (6, b, band, wp, c), "tmp_rows": (2, b, band, wp, c),
+              "v": (6, 6, b, band, tw, c), "tmp_cols": (2, 6, b, band, tw, c), "m": (36, b * band * tw, co),
+              "half": (4, 6, b, band, tw, co), "tmp_out": (4, 6, b, band, tw, co)}
+    if not exact:
+        shapes["tile_out"] = (b, band, 4, tw, 4, co)
+    flat = {k: x.new_empty(_numel(v)) for k, v in shapes.items()}
+
+    def buf(name: str, *shape: int) -> torch.Tensor:
+        return flat[name][:_numel(shape)].view(shape)
+
     for t0 in range(0, th, band):
         n = min(band, th - t0)
         r0 = 4 * t0 - 1  # image row of the band's first padded row
-        xb = xin[:, :4 * n + 2]
-        xb.zero_()
+        xb = buf("xin", b, 4 * n + 2, wp, c).zero_()
         lo, hi = max(r0, 0), min(r0 + 4 * n + 2, h)
         xb[:, lo - r0:hi - r0, 1:w + 1].copy_(src[:, lo:hi])
-        rb = rows[:, :, :n]
-        _input_rows([xb[:, k:k + 4 * n:4] for k in range(6)], rb, tmp_rows[:, :, :n])
-        vb = v[:, :, :, :n]  # [6 (i), 6 (j), B, n, tw, C]; the columns of all six row positions at once
-        _input_rows([rb[:, :, :, k:k + 4 * tw:4] for k in range(6)], vb.transpose(0, 1), tmp_cols[:, :, :, :n])
+        rb = buf("rows", 6, b, n, wp, c)
+        _input_rows([xb[:, k:k + 4 * n:4] for k in range(6)], rb, buf("tmp_rows", 2, b, n, wp, c))
+        vb = buf("v", 6, 6, b, n, tw, c)  # [i, j, ...]: the columns of all six row positions at once
+        _input_rows([rb[:, :, :, k:k + 4 * tw:4] for k in range(6)], vb.transpose(0, 1),
+                    buf("tmp_cols", 2, 6, b, n, tw, c))
         tiles = b * n * tw
-        mb = mm[:, :tiles]
-        torch.bmm(vb.reshape(36, tiles, c), ut, out=mb)
+        mb = torch.bmm(vb.view(36, tiles, c), ut, out=buf("m", 36, tiles, co))
         if bias is not None:
             mb[7].add_(bias)  # A^T column 1 is all ones: position (1, 1) reaches every output pixel once
         m6 = mb.view(6, 6, b, n, tw, co)
-        hb = half[:, :, :, :n]
-        _output_rows([m6[i] for i in range(6)], [hb[a] for a in range(4)], tmp_out[:, :, :, :n])
+        hb = buf("half", 4, 6, b, n, tw, co)
+        tmp = buf("tmp_out", 4, 6, b, n, tw, co)
+        _output_rows([m6[i] for i in range(6)], [hb[a] for a in range(4)], tmp)
         dest = (out[:, 4 * t0:4 * (t0 + n)].view(b, n, 4, tw, 4, co) if exact
-                else tile_out[:, :n])
+                else buf("tile_out", b, n, 4, tw, 4, co))
         # the columns of all four output rows at once: dest[:, :, a, :, s] for a = 0..3
         _output_rows([hb[:, j] for j in range(6)], [dest[:, :, :, :, s].permute(2, 0, 1, 3, 4) for s in range(4)],
-                     tmp_out[:, :4, :, :n])
+                     tmp[:, :4])
         if not exact:
             rr = min(4 * n, h - 4 * t0)
             out[:, 4 * t0:4 * t0 + rr].copy_(dest.reshape(b, 4 * n, 4 * tw, co)[:, :rr, :w])
