@@ -1,50 +1,101 @@
-"""Winograd F(4x4, 3x3): a 3x3 / stride 1 / padding 1 convolution with 2.25 instead of 9 multiply-adds per
-output value and channel pair, shared by the model families (SUPIR's VAE, CodeFormer's autoencoder).
+"""Winograd convolutions: a 3x3 / stride 1 / padding 1 convolution with 2.25 (F(4x4, 3x3)) or 4 (F(2x2, 3x3))
+instead of 9 multiply-adds per output value and channel pair, shared by the model families (SUPIR's UNet,
+control adapter and VAE, CodeFormer's autoencoder).
 
-Official: both networks run their 3x3 convolutions through ``F.conv2d`` (oneDNN's direct kernels on a CPU).
-Deliberately different, same sums: on large float32 CPU maps the convolution runs as Lavin and Gray's
-minimal filtering algorithm (arXiv:1509.09308) with the interpolation points 0, +-1, +-2 and infinity.
-Every 6x6 input tile ``d`` and kernel ``g`` are transformed (``V = B^T d B``, ``U = G g G^T``), the 36
-positions of a tile are 36 GEMMs over the channels (``M = V U``), and ``Y = A^T M A`` gives the 4x4 output
-tile. The result equals the direct convolution exactly in real arithmetic; in float32 it differs by rounding
-only (about 1e-6 relative per convolution, like another BLAS kernel). cuDNN picks Winograd kernels on GPUs the
-same way; on a CPU ATen never does, which is where this module is used.
+Official: the networks run their 3x3 convolutions through ``F.conv2d`` (oneDNN's direct kernels on a CPU).
+Deliberately different, same sums: on float32 CPU maps with enough pixels and channels (:func:`tile_size`) the
+convolution runs as Lavin and Gray's minimal filtering algorithm (arXiv:1509.09308), with the interpolation
+points 0, +-1, +-2, infinity (6x6 input tiles, 4x4 output tiles) or 0, +-1, infinity (4x4 in, 2x2 out). Every
+input tile ``d`` and the kernel ``g`` are transformed (``V = B^T d B``, ``U = G g G^T``), the alpha^2 positions
+of a tile are as many GEMMs over the channels (``M = V U``), and ``Y = A^T M A`` gives the output tile. The
+result equals the direct convolution exactly in real arithmetic; in float32 it differs by rounding only:
+about 3e-7 (F(2x2), as the direct kernel) and 6e-6 (F(4x4)) of the output's largest value per convolution.
+cuDNN picks Winograd kernels on GPUs the same way; on a CPU ATen never does, which is where this module is used.
 
-The map is processed in bands of tile rows, so the transformed tiles of a band (2.25x its size) stay in the
-CPU caches and their buffers are reused band after band, instead of page-faulting a fresh 2.25x copy of the
-whole map. The kernel's transform is computed per call (one small GEMM), never stored beside the weights.
+The map is processed in bands of tile rows, so the transformed tiles of a band (up to 2.25x its size) stay in
+the CPU caches and their buffers are reused band after band. The kernel's transform is computed per call (one
+small GEMM), never stored beside the weights; inside :func:`workspace` (one denoiser call, one VAE pass, one
+CodeFormer call) it and the band buffers are reused from call to call instead of being page-faulted in anew.
 """
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from .layout import is_channels_last
 
-# B^T (6x6), G (6x3) and A^T (4x6) for the points 0, 1, -1, 2, -2 and infinity
-_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
-      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+# G (alpha x 3) of each variant, keyed by the output tile side m (alpha = m + 2 is the input tile side):
+# F(2x2, 3x3) with the points 0, 1, -1, infinity; F(4x4, 3x3) with 0, 1, -1, 2, -2, infinity.
+_G = {2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+      4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+          (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))}
 
-# Measured on one AMD EPYC core (bench/winograd.py): 0.45-0.71x the time of oneDNN's direct kernel from 128
-# channels and 2048 output pixels (all images of the batch) up; 0.94x at 64 channels, 0.96-1.84x on smaller maps,
-# where the per-call kernel transform and the band overheads eat the gain.
-MIN_OUTPUT_PIXELS = 2048
-MIN_CHANNELS = 128
-BAND_BYTES = 6 << 20  # transformed input tiles of one band (36 positions x tiles x channels x 4 bytes)
+# Where each variant is taken, measured on one AMD EPYC core inside the workspace (python bench/winograd.py)
+# against oneDNN's direct kernel. "Work" is output pixels over the batch times min(channels in, channels out).
+# F(4x4, 3x3) from 1024 output pixels and a work of 250k up: 0.44-0.74x the direct time (64 channels at 512x512:
+# 0.88x; below 64 channels the data transforms cost more than the GEMMs save). F(2x2, 3x3) on smaller maps with
+# many channels, where 4x4 tiles leave the GEMMs too few rows: 0.65-0.75x (1280 channels at 16x16 and at 8x8,
+# batch 2), and its rounding stays at the direct kernel's (3-4e-7 against 5-9e-6 for F(4x4)).
+MIN_CHANNELS = 64
+F4_MIN_PIXELS, F4_MIN_WORK = 1024, 250_000
+F2_MIN_PIXELS, F2_MIN_WORK = 128, 150_000
+BAND_BYTES = 6 << 20  # transformed input tiles of one band (alpha^2 positions x tiles x channels x 4 bytes)
 
-_KERNEL_MATRICES: dict[torch.device, torch.Tensor] = {}
+_KERNEL_MATRICES: dict[tuple[int, torch.device], torch.Tensor] = {}
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[None]:
+    """Within (on this thread): :func:`conv3x3` takes its kernel transform and band buffers from buffers reused
+    call after call, freed on exit. A fresh tensor above glibc's mmap threshold is page-faulted in on every call:
+    64 against 20 ms for the F(2x2) transform of a 1280x1280 kernel. Nested uses share the outer buffers."""
+    previous = getattr(_local, "buffers", None)
+    _local.buffers = {} if previous is None else previous
+    try:
+        yield
+    finally:
+        _local.buffers = previous
+
+
+def _empty(name: str, n: int) -> torch.Tensor:
+    """A float32 CPU buffer of ``n`` elements: the workspace's (grown when too small) or a fresh one."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        return torch.empty(n, dtype=torch.float32)
+    flat = buffers.get(name)
+    if flat is None or flat.numel() < n:
+        flat = buffers[name] = None  # drop the smaller buffer before the larger one is made
+        flat = buffers[name] = torch.empty(n, dtype=torch.float32)
+    return flat[:n]
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation=(1, 1), groups: int = 1) -> bool:
-    """Whether :func:`conv3x3` takes this convolution: float32 CPU, 3x3, stride 1, padding 1, large map."""
+    """Whether :func:`conv3x3` takes this convolution: float32 CPU, 3x3, stride 1, padding 1, and a map and
+    channel count where :func:`tile_size` picks a variant."""
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32
             and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[-2:]) == (3, 3) and groups == 1
             and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
-            and x.shape[0] * x.shape[-2] * x.shape[-1] >= MIN_OUTPUT_PIXELS
-            and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
+            and tile_size(x, weight) > 0
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def tile_size(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """The output tile side for ``x`` and a [Co, Ci, 3, 3] ``weight``: 4 on large maps, 2 on smaller maps with
+    many channels, 0 where the direct kernel is faster."""
+    channels = min(weight.shape[0], weight.shape[1])
+    pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
+    if channels < MIN_CHANNELS:
+        return 0
+    if pixels >= F4_MIN_PIXELS:
+        return 4 if pixels * channels >= F4_MIN_WORK else 0
+    return 2 if pixels >= F2_MIN_PIXELS and pixels * channels >= F2_MIN_WORK else 0
 
 
 def conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -62,24 +113,29 @@ class Conv2d(nn.Conv2d):
         return conv_forward(self, x, weight, bias)
 
 
-def _kernel_matrix(device: torch.device) -> torch.Tensor:
-    """[36, 9]: row (i, j), column (k, l) holds G[i, k] * G[j, l], so that U = K @ g over the taps."""
-    m = _KERNEL_MATRICES.get(device)
-    if m is None:
+def _kernel_matrix(m: int, device: torch.device) -> torch.Tensor:
+    """[alpha^2, 9]: row (i, j), column (k, l) holds G[i, k] * G[j, l], so that U = K @ g over the taps."""
+    key = (m, device)
+    k = _KERNEL_MATRICES.get(key)
+    if k is None:
         with torch.inference_mode(False):
-            g = torch.tensor(_G, dtype=torch.float64)
-            m = torch.einsum("ik,jl->ijkl", g, g).reshape(36, 9).to(device=device, dtype=torch.float32)
-            _KERNEL_MATRICES[device] = m
-    return m
+            g = torch.tensor(_G[m], dtype=torch.float64)
+            k = torch.einsum("ik,jl->ijkl", g, g).reshape(-1, 9).to(device=device, dtype=torch.float32)
+            _KERNEL_MATRICES[key] = k
+    return k
 
 
-def kernel_transform(weight: torch.Tensor) -> torch.Tensor:
-    """``U`` as [36, Co, Ci] for a [Co, Ci, 3, 3] kernel (one GEMM over the taps)."""
+def kernel_transform(weight: torch.Tensor, m: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``U`` as [alpha^2, Co, Ci] for a [Co, Ci, 3, 3] kernel (one GEMM over the taps; into ``out`` when given,
+    a flat buffer of alpha^2 * Co * Ci elements)."""
     co, ci = weight.shape[:2]
-    return torch.mm(_kernel_matrix(weight.device), weight.reshape(co * ci, 9).t()).view(36, co, ci)
+    k = _kernel_matrix(m, weight.device)
+    w9 = weight.reshape(co * ci, 9).t()
+    u = torch.mm(k, w9) if out is None else torch.mm(k, w9, out=out.view(k.shape[0], co * ci))
+    return u.view(k.shape[0], co, ci)
 
 
-def _input_rows(d: list[torch.Tensor], out: torch.Tensor, tmp: torch.Tensor) -> None:
+def _input_rows_f4(d: list[torch.Tensor], out: torch.Tensor, tmp: torch.Tensor) -> None:
     """``out[i] = sum_k B^T[i, k] d[k]`` for the six views ``d`` (rows or columns 0..5 of every tile)."""
     p, q = tmp[0], tmp[1]
     torch.add(d[4], d[2], alpha=-5, out=out[0])
@@ -96,7 +152,7 @@ def _input_rows(d: list[torch.Tensor], out: torch.Tensor, tmp: torch.Tensor) -> 
     out[5].add_(d[1], alpha=4)
 
 
-def _output_rows(m: list[torch.Tensor], out: list[torch.Tensor], tmp: torch.Tensor) -> None:
+def _output_rows_f4(m: list[torch.Tensor], out: list[torch.Tensor], tmp: torch.Tensor) -> None:
     """``out[a] = sum_i A^T[a, i] m[i]`` for the six views ``m``."""
     s12, d12, s34, d34 = tmp[0], tmp[1], tmp[2], tmp[3]
     torch.add(m[1], m[2], out=s12)
@@ -111,6 +167,25 @@ def _output_rows(m: list[torch.Tensor], out: list[torch.Tensor], tmp: torch.Tens
     out[3].add_(d34, alpha=8)
 
 
+def _input_rows_f2(d: list[torch.Tensor], out: torch.Tensor, tmp: torch.Tensor) -> None:
+    """``out[i] = sum_k B^T[i, k] d[k]`` for the four views ``d`` of F(2x2, 3x3)."""
+    torch.sub(d[0], d[2], out=out[0])
+    torch.add(d[1], d[2], out=out[1])
+    torch.sub(d[2], d[1], out=out[2])
+    torch.sub(d[1], d[3], out=out[3])
+
+
+def _output_rows_f2(m: list[torch.Tensor], out: list[torch.Tensor], tmp: torch.Tensor) -> None:
+    """``out[a] = sum_i A^T[a, i] m[i]`` for the four views ``m`` of F(2x2, 3x3)."""
+    torch.add(m[0], m[1], out=out[0])
+    out[0].add_(m[2])
+    torch.sub(m[1], m[2], out=out[1])
+    out[1].sub_(m[3])
+
+
+_TRANSFORMS = {2: (_input_rows_f2, _output_rows_f2), 4: (_input_rows_f4, _output_rows_f4)}
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -118,56 +193,59 @@ def _numel(shape) -> int:
     return n
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a float32 CPU map and 3x3 kernel, in ``x``'s memory layout
-    (channels-last or contiguous)."""
+    (channels-last or contiguous), with output tiles of side ``m`` (2 or 4; default :func:`tile_size`, else 4)."""
+    m = m or tile_size(x, weight) or 4
+    input_rows, output_rows = _TRANSFORMS[m]
+    a = m + 2  # input tile side; a*a GEMM positions
     b, c, h, w = x.shape
     co = weight.shape[0]
-    th, tw = -(-h // 4), -(-w // 4)
-    wp = 4 * tw + 2
-    u = kernel_transform(weight.to(x.dtype))  # [36, Co, C]
-    ut = u.transpose(1, 2)  # [36, C, Co] view: the GEMMs take it transposed
+    th, tw = -(-h // m), -(-w // m)
+    wp = m * tw + 2
+    u = kernel_transform(weight.to(x.dtype), m, _empty("kernel", a * a * co * c))  # [a*a, Co, C]
+    ut = u.transpose(1, 2)  # [a*a, C, Co] view: the GEMMs take it transposed
     src = x.permute(0, 2, 3, 1)  # [B, H, W, C] (a view when x is channels-last)
     out = torch.empty(b, h, w, co, dtype=x.dtype)
-    exact = h % 4 == 0 and w % 4 == 0
-    band = max(1, min(th, BAND_BYTES // (36 * b * tw * max(c, co) * 4)))
+    exact = h % m == 0 and w % m == 0
+    band = max(1, min(th, BAND_BYTES // (a * a * b * tw * max(c, co) * 4)))
     # one flat buffer per intermediate, viewed at the band's size (the last band may be shorter and stays dense)
-    shapes = {"xin": (b, 4 * band + 2, wp, c), "rows": (6, b, band, wp, c), "tmp_rows": (2, b, band, wp, c),
-              "v": (6, 6, b, band, tw, c), "tmp_cols": (2, 6, b, band, tw, c), "m": (36, b * band * tw, co),
-              "half": (4, 6, b, band, tw, co), "tmp_out": (4, 6, b, band, tw, co)}
+    shapes = {"xin": (b, m * band + 2, wp, c), "rows": (a, b, band, wp, c), "tmp_rows": (2, b, band, wp, c),
+              "v": (a, a, b, band, tw, c), "tmp_cols": (2, a, b, band, tw, c), "m": (a * a, b * band * tw, co),
+              "half": (m, a, b, band, tw, co), "tmp_out": (4, a, b, band, tw, co)}
     if not exact:
-        shapes["tile_out"] = (b, band, 4, tw, 4, co)
-    flat = {k: x.new_empty(_numel(v)) for k, v in shapes.items()}
+        shapes["tile_out"] = (b, band, m, tw, m, co)
+    flat = {k: _empty(k, _numel(v)) for k, v in shapes.items()}
 
     def buf(name: str, *shape: int) -> torch.Tensor:
         return flat[name][:_numel(shape)].view(shape)
 
     for t0 in range(0, th, band):
         n = min(band, th - t0)
-        r0 = 4 * t0 - 1  # image row of the band's first padded row
-        xb = buf("xin", b, 4 * n + 2, wp, c).zero_()
-        lo, hi = max(r0, 0), min(r0 + 4 * n + 2, h)
+        r0 = m * t0 - 1  # image row of the band's first padded row
+        xb = buf("xin", b, m * n + 2, wp, c).zero_()
+        lo, hi = max(r0, 0), min(r0 + m * n + 2, h)
         xb[:, lo - r0:hi - r0, 1:w + 1].copy_(src[:, lo:hi])
-        rb = buf("rows", 6, b, n, wp, c)
-        _input_rows([xb[:, k:k + 4 * n:4] for k in range(6)], rb, buf("tmp_rows", 2, b, n, wp, c))
-        vb = buf("v", 6, 6, b, n, tw, c)  # [i, j, ...]: the columns of all six row positions at once
-        _input_rows([rb[:, :, :, k:k + 4 * tw:4] for k in range(6)], vb.transpose(0, 1),
-                    buf("tmp_cols", 2, 6, b, n, tw, c))
+        rb = buf("rows", a, b, n, wp, c)
+        input_rows([xb[:, k:k + m * n:m] for k in range(a)], rb, buf("tmp_rows", 2, b, n, wp, c))
+        vb = buf("v", a, a, b, n, tw, c)  # [i, j, ...]: the columns of all row positions at once
+        input_rows([rb[:, :, :, k:k + m * tw:m] for k in range(a)], vb.transpose(0, 1),
+                   buf("tmp_cols", 2, a, b, n, tw, c))
         tiles = b * n * tw
-        mb = torch.bmm(vb.view(36, tiles, c), ut, out=buf("m", 36, tiles, co))
+        mb = torch.bmm(vb.view(a * a, tiles, c), ut, out=buf("m", a * a, tiles, co))
         if bias is not None:
-            mb[7].add_(bias)  # A^T column 1 is all ones: position (1, 1) reaches every output pixel once
-        m6 = mb.view(6, 6, b, n, tw, co)
-        hb = buf("half", 4, 6, b, n, tw, co)
-        tmp = buf("tmp_out", 4, 6, b, n, tw, co)
-        _output_rows([m6[i] for i in range(6)], [hb[a] for a in range(4)], tmp)
-        dest = (out[:, 4 * t0:4 * (t0 + n)].view(b, n, 4, tw, 4, co) if exact
-                else buf("tile_out", b, n, 4, tw, 4, co))
-        # the columns of all four output rows at once: dest[:, :, a, :, s] for a = 0..3
-        _output_rows([hb[:, j] for j in range(6)], [dest[:, :, :, :, s].permute(2, 0, 1, 3, 4) for s in range(4)],
-                     tmp[:, :4])
+            mb[a + 1].add_(bias)  # A^T column 1 is all ones: position (1, 1) reaches every output pixel once
+        ma = mb.view(a, a, b, n, tw, co)
+        hb = buf("half", m, a, b, n, tw, co)
+        tmp = buf("tmp_out", 4, a, b, n, tw, co)
+        output_rows([ma[i] for i in range(a)], [hb[r] for r in range(m)], tmp)
+        dest = (out[:, m * t0:m * (t0 + n)].view(b, n, m, tw, m, co) if exact
+                else buf("tile_out", b, n, m, tw, m, co))
+        # the columns of all output rows at once: dest[:, :, r, :, s] for r = 0..m-1
+        output_rows([hb[:, j] for j in range(a)], [dest[:, :, :, :, s].permute(2, 0, 1, 3, 4) for s in range(m)],
+                    tmp[:, :m])
         if not exact:
-            rr = min(4 * n, h - 4 * t0)
-            out[:, 4 * t0:4 * t0 + rr].copy_(dest.reshape(b, 4 * n, 4 * tw, co)[:, :rr, :w])
+            rr = min(m * n, h - m * t0)
+            out[:, m * t0:m * t0 + rr].copy_(dest.reshape(b, m * n, m * tw, co)[:, :rr, :w])
     out = out.permute(0, 3, 1, 2)
     return out if is_channels_last(x) else out.contiguous()

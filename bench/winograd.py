@@ -1,7 +1,8 @@
 """Micro-benchmark behind ``winograd.py``: per convolution shape of SUPIR's VAE, UNet and CodeFormer, oneDNN's
-direct 3x3 convolution (``F.conv2d``, channels-last and contiguous) against Winograd F(4x4, 3x3), and the max
-error of each against float64 (relative to the output's largest value). Shows where the thresholds
-``MIN_CHANNELS`` / ``MIN_OUTPUT_PIXELS`` come from.
+direct 3x3 convolution (``F.conv2d``, channels-last and contiguous) against Winograd F(2x2, 3x3) and F(4x4, 3x3)
+(inside ``winograd.workspace()``, as the networks call them), the max error of each against float64 (relative
+to the output's largest value), and which variant ``winograd.tile_size`` picks (0: the direct kernel). Shows
+where the thresholds ``MIN_CHANNELS``, ``F4_MIN_*`` and ``F2_MIN_*`` come from.
 
     python bench/winograd.py --threads 1
 """
@@ -24,8 +25,9 @@ from photo_restoration import winograd  # noqa: E402
 # (batch, channels in, channels out, map side): VAE / CodeFormer levels, then SUPIR UNet levels (CFG batch 2)
 SHAPES = [(1, 64, 64, 512), (1, 128, 128, 512), (1, 256, 128, 512), (1, 128, 128, 256), (1, 256, 256, 256),
           (1, 256, 256, 128), (1, 512, 512, 128), (1, 512, 512, 64), (1, 512, 512, 32), (4, 512, 512, 32),
-          (4, 64, 64, 256), (2, 320, 320, 64), (2, 640, 640, 32), (2, 1280, 1280, 32), (2, 320, 320, 32),
-          (2, 640, 640, 16), (2, 1280, 1280, 16)]
+          (4, 64, 64, 256), (1, 512, 512, 16), (1, 256, 256, 32), (2, 320, 320, 64), (2, 640, 640, 32),
+          (2, 1280, 1280, 32), (2, 320, 320, 32), (2, 640, 640, 16), (2, 1280, 1280, 16), (2, 2560, 1280, 16),
+          (2, 1280, 1280, 8), (2, 640, 640, 8)]
 
 
 def best_s(fn, runs: int) -> tuple[float, torch.Tensor]:
@@ -44,9 +46,9 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
-    print("B, Cin, Cout, side | direct NCHW, direct channels-last, Winograd (s) | Winograd / best direct | "
-          "max rel err direct, Winograd | taken in production")
-    with torch.inference_mode():
+    print("B, Cin, Cout, side | direct NCHW, direct channels-last, F(2x2), F(4x4) (s) | F(2x2), F(4x4) / best direct"
+          " | max rel err direct, F(2x2), F(4x4) | tile_size")
+    with torch.inference_mode(), winograd.workspace():
         for b, ci, co, side in SHAPES:
             x = torch.randn(b, ci, side, side, generator=g)
             xl = x.contiguous(memory_format=torch.channels_last)
@@ -54,13 +56,15 @@ def main() -> None:
             bias = torch.randn(co, generator=g)
             t_nchw, y = best_s(lambda: F.conv2d(x, w, bias, padding=1), a.runs)
             t_cl, _ = best_s(lambda: F.conv2d(xl, w, bias, padding=1), a.runs)
-            t_w, yw = best_s(lambda: winograd.conv3x3(xl, w, bias), a.runs)
+            t_2, y2 = best_s(lambda: winograd.conv3x3(xl, w, bias, 2), a.runs)
+            t_4, y4 = best_s(lambda: winograd.conv3x3(xl, w, bias, 4), a.runs)
             ref = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
             scale = ref.abs().max().item()
-            err = [((o.double() - ref).abs().max().item() / scale) for o in (y, yw)]
-            taken = winograd.applies(x, w, (1, 1), (1, 1))
-            print(f"{b}, {ci}, {co}, {side} | {t_nchw:.3f}, {t_cl:.3f}, {t_w:.3f} | {t_w / min(t_nchw, t_cl):.2f} | "
-                  f"{err[0]:.1e}, {err[1]:.1e} | {'yes' if taken else 'no'}", flush=True)
+            err = [((o.double() - ref).abs().max().item() / scale) for o in (y, y2, y4)]
+            best = min(t_nchw, t_cl)
+            print(f"{b}, {ci}, {co}, {side} | {t_nchw:.4f}, {t_cl:.4f}, {t_2:.4f}, {t_4:.4f} | "
+                  f"{t_2 / best:.2f}, {t_4 / best:.2f} | {err[0]:.1e}, {err[1]:.1e}, {err[2]:.1e} | "
+                  f"{winograd.tile_size(x, w)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ Deliberately different, same values within float32 rounding: on the CPU in float
 channels-last (oneDNN's convolutions there take ~0.7x the time at 64-128 channels) with the pack's exact
 GroupNorm (:mod:`..groupnorm`; ATen's channels-last GroupNorm is not exact enough), whose second norm of each
 ResBlock writes in place into the fresh convolution output; the result is returned contiguous. Its 3x3 convolutions
-of 128 channels and more on large float32 CPU maps run as Winograd F(4x4, 3x3) (:mod:`..winograd`: 0.45-0.71x the
-time of the direct kernel, about 1e-5 relative rounding difference per convolution).
+of large float32 CPU maps run as Winograd convolutions (:mod:`..winograd`: 0.44-0.88x the time of the direct
+kernel, at most about 1e-5 relative rounding difference per convolution).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..groupnorm import group_norm as exact_group_norm
 from ..layout import channels_last, conv1x1
 from ..subpixel import interleaved_output, phase_kernels
+from .. import winograd
 from ..winograd import Conv2d as WinogradConv2d
 
 GROUP_NORM_GROUPS = 32
@@ -386,6 +387,10 @@ class CodeFormer(nn.Module):
         ``w`` (fidelity) is a number or a tensor with one value per batch element; 0 (or less) decodes the predicted
         codes only, larger values pull the result towards the input (trained with 1 and 1.3; UIs offer 0..1).
         """
+        with winograd.workspace():  # the CPU convolutions' scratch buffers, reused face after face
+            return self._forward(x, w, adain, return_codes)
+
+    def _forward(self, x: Tensor, w: float | Tensor, adain: bool, return_codes: bool) -> Tensor | CodeFormerOutput:
         fusing = _fidelity(w, x.shape[0], x) is not None  # also checks a per-face w against the batch
         if x.device.type == "cpu" and x.ndim == 4 and x.shape[0] > 1:
             # one face at a time on the CPU: the same speed per face as a batched call at about half its

@@ -6,9 +6,9 @@ Official: SGM runs every convolution through ``F.conv2d`` and upsamples with ``F
 * :func:`conv2d`: on small CPU feature maps (<= 64 output pixels per image: the 8x8 level of a 256 px
   SUPIR call) the convolution runs as im2col + one GEMM over the whole batch; oneDNN's direct kernel
   reaches about half the GEMM rate there. Elsewhere: ``F.conv2d``.
-* :func:`conv2d`: large float32 CPU maps of 128 channels and more with a 3x3 kernel (stride and padding 1)
-  run through Winograd F(4x4, 3x3), :mod:`photo_restoration.winograd` (2.25 instead of 9 multiply-adds per
-  output value; about 1e-5 relative rounding difference per convolution).
+* :func:`conv2d`: 3x3 convolutions (stride and padding 1) of float32 CPU maps with enough pixels and channels
+  run through Winograd F(4x4, 3x3) or F(2x2, 3x3), :mod:`photo_restoration.winograd` (2.25 or 4 instead of 9
+  multiply-adds per output value; at most about 1e-5 relative rounding difference per convolution).
 * :func:`upsample_conv3x3`: nearest x2 upsampling followed by a 3x3 convolution equals four 2x2
   convolutions of the *input* (one per output pixel phase, with the 3x3 taps that fall on the same
   source pixel summed), interleaved: 16 instead of 36 multiply-adds per output pixel and channel, and
@@ -33,7 +33,7 @@ GEMM_CONV_MAX_PIXELS = 64
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int] = (1, 1),
            padding: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """``F.conv2d`` with zero padding, no dilation or groups; small float32 CPU maps go through one GEMM, large
-    ones with a 3x3 kernel through Winograd F(4x4, 3x3) (:mod:`photo_restoration.winograd`)."""
+    ones with a 3x3 kernel through a Winograd convolution (:mod:`photo_restoration.winograd`)."""
     if winograd.applies(x, weight, stride, padding):
         return winograd.conv3x3(x, weight, bias)
     kh, kw = weight.shape[-2:]

@@ -18,8 +18,8 @@ Inside :func:`reused_cast_buffer` (one denoiser call), a CPU up-cast of a large 
 is written into one reused buffer instead of a fresh tensor per layer: a fresh tensor above glibc's mmap
 threshold is faulted in page by page on every call (24 ms against 2.6 ms for a 1280x10240 fp16 weight).
 
-:class:`Conv2d` is also :class:`photo_restoration.winograd.Conv2d`: its 3x3 convolutions of 128 channels and more on
-large float32 CPU maps run as Winograd F(4x4, 3x3) on the cast weights.
+:class:`Conv2d` is also :class:`photo_restoration.winograd.Conv2d`: its 3x3 convolutions of large float32 CPU maps
+run as Winograd convolutions on the cast weights.
 
 :func:`make_castable` turns the plain ``torch.nn`` layers of an already built network into these
 classes in place (the classes add no state), so model code written with ``torch.nn`` needs no change.

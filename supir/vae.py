@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import winograd
 from .vae_blocks import Decoder, Encoder, VAEConfig
 from .vae_tiled import tiled_forward
 
@@ -75,11 +76,12 @@ class SupirVAE(nn.Module):
 
     def _run(self, net: nn.Module, x: torch.Tensor, tiling: VAETiling | None, decoder: bool, callbacks) -> torch.Tensor:
         x = x.to(self.device, self.dtype)
-        if tiling is None:
-            return net(x)
-        tile = tiling.decoder_tile_size if decoder else tiling.encoder_tile_size
-        out = tiled_forward(net, x, tile, decoder=decoder, norm=tiling.norm, staging=tiling.staging,
-                            callbacks=callbacks)
+        with winograd.workspace():  # the CPU convolutions' scratch buffers, reused within this pass
+            if tiling is None:
+                return net(x)
+            tile = tiling.decoder_tile_size if decoder else tiling.encoder_tile_size
+            out = tiled_forward(net, x, tile, decoder=decoder, norm=tiling.norm, staging=tiling.staging,
+                                callbacks=callbacks)
         return out.to(self.device)  # results live where the untiled ones would
 
     def _moments(self, net: nn.Module, x: torch.Tensor, tiling, callbacks) -> tuple[torch.Tensor, torch.Tensor]:

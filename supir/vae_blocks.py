@@ -6,8 +6,8 @@ Deliberately different, same values within float32 rounding: on the CPU in float
 :data:`CHANNELS_LAST_MAX` channels run channels-last (oneDNN's 3x3 convolutions take 0.8-0.9x the time there),
 with the pack's exact GroupNorm (:func:`.ops.group_norm`), whose second norm of each ResnetBlock and the final
 norm write in place into fresh intermediates (no new map per norm), and 1x1 shortcuts as one GEMM; the
-decoder's output is returned contiguous. The convolutions are :class:`.ops.Conv2d`, whose 3x3 ones of 128 channels and
-more on large float32 CPU maps run as Winograd F(4x4, 3x3) (:mod:`photo_restoration.winograd`).
+decoder's output is returned contiguous. The convolutions are :class:`.ops.Conv2d`, whose 3x3 ones on large float32 CPU
+maps run as Winograd convolutions (:mod:`photo_restoration.winograd`).
 """
 from __future__ import annotations
 

@@ -3,10 +3,10 @@
 One test item per case file: ``test_parity[supir-<case>]`` / ``test_parity[codeformer-<case>]``,
 so ``pytest -k supir`` selects exactly the SUPIR cases and a failure names its case.
 
-``test_parity_winograd[...]`` runs every case again with the Winograd convolution path
-(:mod:`photo_restoration.winograd`) taking every 3x3 / stride 1 convolution it can, however small the map or
-few the channels: the tiny fixture networks stay below its production thresholds, full-size ones do not, and
-the same tolerance must hold either way.
+``test_parity_winograd[...]`` runs every case again, once per Winograd variant (F(2x2, 3x3) and F(4x4, 3x3),
+:mod:`photo_restoration.winograd`) taking every float32 3x3 / stride 1 convolution, however small the map or few
+the channels: the tiny fixture networks stay below its production thresholds, full-size ones do not, and the
+same tolerance must hold either way.
 """
 import pytest
 
@@ -23,12 +23,12 @@ CONV_KINDS = {"codeformer_forward", "first_stage", "first_stage_tiled", "pipelin
               "tiled_restore_edm_sampler", "unet_control_forward"}
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("case", case_params("supir") + case_params("codeformer"))
-def test_parity_winograd(case, monkeypatch):
+def test_parity_winograd(case, tile, monkeypatch):
     from photo_restoration import winograd
 
-    monkeypatch.setattr(winograd, "MIN_OUTPUT_PIXELS", 1)
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "tile_size", lambda x, weight: tile)
     calls = []
     real = winograd.conv3x3
     monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))

@@ -18,10 +18,11 @@ def _rel(got, ref):
     return ((got.double() - ref).abs().max() / ref.abs().max()).item()
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("shape", [(1, 8, 16, 16), (3, 5, 13, 9), (2, 7, 5, 7), (1, 4, 1, 1), (2, 6, 4, 30)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv3x3_equals_the_direct_convolution(shape, channels_last, bias):
+def test_conv3x3_equals_the_direct_convolution(shape, channels_last, bias, tile):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     if channels_last:
@@ -29,7 +30,7 @@ def test_conv3x3_equals_the_direct_convolution(shape, channels_last, bias):
     w = torch.randn(6, shape[1], 3, 3, generator=g)
     b = torch.randn(6, generator=g) if bias else None
     before = x.clone()
-    got = winograd.conv3x3(x, w, b)
+    got = winograd.conv3x3(x, w, b, tile)
     assert got.shape == (shape[0], 6, shape[2], shape[3])
     assert _rel(got, _reference(x, w, b)) < 3e-5  # measured <= 9e-6 at 128-1280 channels
     assert torch.equal(x, before), "the input was modified"
@@ -37,42 +38,72 @@ def test_conv3x3_equals_the_direct_convolution(shape, channels_last, bias):
                              else torch.contiguous_format)
 
 
-def test_bands_cover_the_map_exactly(monkeypatch):
-    """Several bands of tile rows, the last one partial, on a map whose size is no multiple of 4."""
-    monkeypatch.setattr(winograd, "BAND_BYTES", 1)  # one tile row per band
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("band_bytes", [1, 40_000])
+def test_bands_cover_the_map_exactly(monkeypatch, tile, band_bytes):
+    """Several bands of tile rows (one per band, or a few with a shorter last one), on a map whose size is no
+    multiple of the tile."""
+    monkeypatch.setattr(winograd, "BAND_BYTES", band_bytes)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 19, 10, generator=g)
     w, b = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
-    assert _rel(winograd.conv3x3(x, w, b), _reference(x, w, b)) < 3e-5
+    assert _rel(winograd.conv3x3(x, w, b, tile), _reference(x, w, b)) < 3e-5
 
 
-def test_full_width_accuracy():
+@pytest.mark.parametrize("tile", [2, 4])
+def test_full_width_accuracy(tile):
     """At a full-size width the rounding stays at a few 1e-6 (direct float32 kernels: 1-2e-6)."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 256, 64, 64, generator=g)
     w = torch.randn(256, 256, 3, 3, generator=g) / 48
     b = torch.randn(256, generator=g)
-    assert _rel(winograd.conv3x3(x, w, b), _reference(x, w, b)) < 3e-5
+    assert _rel(winograd.conv3x3(x, w, b, tile), _reference(x, w, b)) < 3e-5
+
+
+def test_tile_size_follows_the_map_and_the_channels():
+    def tile(b, c, side, co=None):
+        return winograd.tile_size(torch.zeros(b, c, side, side), torch.zeros(co or c, c, 3, 3))
+
+    assert tile(1, 128, 512) == 4 and tile(1, 64, 512) == 4  # VAE / CodeFormer top levels
+    assert tile(2, 320, 32) == 4 and tile(1, 512, 32) == 4  # UNet at 256 px; CodeFormer, one face
+    assert tile(2, 640, 16) == 2 and tile(2, 1280, 16) == 2  # too few 4x4 tiles: 2x2 ones
+    assert tile(2, 1280, 8) == 2  # UNet 256 px, deepest level
+    assert tile(1, 512, 16) == 0 and tile(2, 640, 8) == 0  # too little work: the direct kernel is faster
+    assert tile(1, 32, 512) == 0  # too few channels
+    assert tile(1, 512, 64, co=3) == 0  # e.g. conv_out to RGB
 
 
 def _applies(x, w, stride=(1, 1), padding=(1, 1)):
     return winograd.applies(x, w, stride, padding)
 
 
-def test_taken_only_where_measured_faster():
+def test_taken_only_for_float32_cpu_3x3_stride_1():
     w = torch.zeros(128, 128, 3, 3)
     big = torch.zeros(1, 128, 64, 64)
     assert _applies(big, w)
-    assert _applies(torch.zeros(2, 128, 32, 32), w)  # 2048 output pixels over the batch
-    assert not _applies(torch.zeros(1, 128, 32, 32), w)  # too small a map
-    assert not _applies(torch.zeros(1, 64, 64, 64), torch.zeros(64, 64, 3, 3))  # too few channels
-    assert not _applies(torch.zeros(1, 128, 64, 64), torch.zeros(3, 128, 3, 3))  # e.g. conv_out to RGB
+    assert not _applies(torch.zeros(1, 128, 16, 16), w)  # too small a map
+    assert not _applies(torch.zeros(1, 32, 64, 64), torch.zeros(32, 32, 3, 3))  # too few channels
     assert not _applies(big, w, stride=(2, 2))
     assert not _applies(big, w, padding=(0, 0))
     assert not _applies(big, torch.zeros(128, 128, 1, 1), padding=(0, 0))
     assert not _applies(big.bfloat16(), w.bfloat16())
     assert not _applies(big.half(), w.half())
     assert not _applies(big.requires_grad_(), w)  # autograd goes the plain way
+
+
+def test_workspace_reuses_its_buffers_and_frees_them():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 12, 12, generator=g)
+    w, b = torch.randn(5, 4, 3, 3, generator=g), torch.randn(5, generator=g)
+    fresh = winograd.conv3x3(x, w, b, 4)
+    with winograd.workspace():
+        first = winograd.conv3x3(x, w, b, 4)
+        held = dict(winograd._local.buffers)
+        second = winograd.conv3x3(x, w, b, 4)
+        assert all(winograd._local.buffers[k] is v for k, v in held.items())  # no new buffer on the second call
+        assert first.data_ptr() != second.data_ptr()  # results are never a workspace buffer
+    assert winograd._local.buffers is None
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)
 
 
 @pytest.fixture
@@ -101,8 +132,8 @@ def test_layers_take_it(make, counted):
 
 def test_supir_unet_conv_takes_it(counted):
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 128, 32, 32, generator=g)
-    w, b = torch.randn(128, 128, 3, 3, generator=g) / 34, torch.randn(128, generator=g)
+    x = torch.randn(2, 320, 32, 32, generator=g)  # the 32x32 level of a 256 px call, CFG batch 2
+    w, b = torch.randn(320, 320, 3, 3, generator=g) / 54, torch.randn(320, generator=g)
     got = supir_conv2d(x, w, b, (1, 1), (1, 1))
     assert counted == [x.shape]
     assert got.is_contiguous()
