@@ -16,6 +16,11 @@ is the best ours/official time any implementation of the same math can reach aga
 
 Our denoiser is counted as on its second call with the same text context (the sampler's steady state and the
 harness's timed runs): the text cross-attention keys/values are reused.
+
+The bound holds for direct convolutions (9 multiply-adds per output value and channel pair for a 3x3 kernel),
+which is what the meta-tensor count sees. Since round 5 (bench/side_by_side.md) the pack runs its large float32
+CPU 3x3 convolutions as Winograd convolutions (2.25 or 4 multiply-adds, ``winograd.py``), so on the CPU ours
+does fewer FLOPs than counted here and can go below this floor.
 """
 from __future__ import annotations
 

@@ -54,6 +54,9 @@ def child(file_dtype: str, latent: int, seed: int = 0) -> dict:
     if os.environ.get("BENCH_NO_CAST_REUSE"):  # A/B: a fresh tensor per layer cast (supir.ops.reused_cast_buffer off)
         from photo_restoration.supir import ops
         ops.REUSE_MIN_NUMEL = 1 << 62
+    if os.environ.get("BENCH_NO_WINOGRAD"):  # A/B: every convolution through F.conv2d (photo_restoration.winograd off)
+        from photo_restoration import winograd
+        winograd.MIN_CHANNELS = 1 << 62
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float16}[file_dtype]
     shapes = {"model." + k: tuple(v.shape) for k, v in build_diffusion(SDXL_CONFIG, ADAPTER_CONFIG).state_dict().items()}
 
