@@ -40,7 +40,12 @@ _G = {2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
 # 0.88x; below 64 channels the data transforms cost more than the GEMMs save). F(2x2, 3x3) on smaller maps with
 # many channels, where 4x4 tiles leave the GEMMs too few rows: 0.65-0.75x (1280 channels at 16x16 and at 8x8,
 # batch 2), and its rounding stays at the direct kernel's (3-4e-7 against 5-9e-6 for F(4x4)).
+# With more threads oneDNN's direct kernel scales better than the transforms' element-wise passes: at 2 threads
+# 64 channels lose (1.0-1.5x) and 128 break even (0.86-1.04x), while 256+ channels and the UNet's widths still
+# win (0.52-0.76x). The channel minimum therefore grows with the thread count, up to 4x (256 channels from 4
+# threads on: an extrapolation, not measured here).
 MIN_CHANNELS = 64
+MAX_THREAD_FACTOR = 4
 F4_MIN_PIXELS, F4_MIN_WORK = 1024, 250_000
 F2_MIN_PIXELS, F2_MIN_WORK = 128, 150_000
 BAND_BYTES = 6 << 20  # transformed input tiles of one band (alpha^2 positions x tiles x channels x 4 bytes)
@@ -88,10 +93,10 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation=(1,
 
 def tile_size(x: torch.Tensor, weight: torch.Tensor) -> int:
     """The output tile side for ``x`` and a [Co, Ci, 3, 3] ``weight``: 4 on large maps, 2 on smaller maps with
-    many channels, 0 where the direct kernel is faster."""
+    many channels, 0 where the direct kernel is faster (too few channels for this thread count, too small a map)."""
     channels = min(weight.shape[0], weight.shape[1])
     pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
-    if channels < MIN_CHANNELS:
+    if channels < MIN_CHANNELS * min(max(torch.get_num_threads(), 1), MAX_THREAD_FACTOR):
         return 0
     if pixels >= F4_MIN_PIXELS:
         return 4 if pixels * channels >= F4_MIN_WORK else 0

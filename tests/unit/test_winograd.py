@@ -60,7 +60,27 @@ def test_full_width_accuracy(tile):
     assert _rel(winograd.conv3x3(x, w, b, tile), _reference(x, w, b)) < 3e-5
 
 
-def test_tile_size_follows_the_map_and_the_channels():
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_channel_minimum_grows_with_the_threads(monkeypatch):
+    x, w = torch.zeros(1, 128, 512, 512), torch.zeros(128, 128, 3, 3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert winograd.tile_size(x, w) == 4
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert winograd.tile_size(x, w) == 4  # 128 channels from 2 threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert winograd.tile_size(x, w) == 0  # 256 from 4 threads on
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert winograd.tile_size(x, torch.zeros(256, 256, 3, 3)) == 4
+
+
+def test_tile_size_follows_the_map_and_the_channels(one_thread):
     def tile(b, c, side, co=None):
         return winograd.tile_size(torch.zeros(b, c, side, side), torch.zeros(co or c, c, 3, 3))
 
@@ -77,7 +97,7 @@ def _applies(x, w, stride=(1, 1), padding=(1, 1)):
     return winograd.applies(x, w, stride, padding)
 
 
-def test_taken_only_for_float32_cpu_3x3_stride_1():
+def test_taken_only_for_float32_cpu_3x3_stride_1(one_thread):
     w = torch.zeros(128, 128, 3, 3)
     big = torch.zeros(1, 128, 64, 64)
     assert _applies(big, w)
@@ -119,7 +139,7 @@ def counted(monkeypatch):
     lambda: winograd.Conv2d(128, 128, 3, padding=1),
     lambda: codeformer_conv3x3(128, 128),
 ])
-def test_layers_take_it(make, counted):
+def test_layers_take_it(make, counted, one_thread):
     torch.manual_seed(0)
     layer = make().eval()
     x = torch.randn(1, 128, 64, 64)
@@ -130,7 +150,7 @@ def test_layers_take_it(make, counted):
     assert _rel(got, ref) < 3e-5
 
 
-def test_supir_unet_conv_takes_it(counted):
+def test_supir_unet_conv_takes_it(counted, one_thread):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 320, 32, 32, generator=g)  # the 32x32 level of a 256 px call, CFG batch 2
     w, b = torch.randn(320, 320, 3, 3, generator=g) / 54, torch.randn(320, generator=g)
@@ -140,7 +160,7 @@ def test_supir_unet_conv_takes_it(counted):
     assert _rel(got, _reference(x, w, b)) < 3e-5
 
 
-def test_fp16_storage_casts_before_the_transform(counted):
+def test_fp16_storage_casts_before_the_transform(counted, one_thread):
     """An fp16-stored casting layer computes in the input's float32 on the up-cast weight."""
     torch.manual_seed(0)
     layer = ops.Conv2d(128, 128, 3, padding=1).half().eval()
