@@ -14,18 +14,16 @@ cuDNN picks Winograd kernels on GPUs the same way; on a CPU ATen never does, whi
 
 The map is processed in bands of tile rows, so the transformed tiles of a band (up to 2.25x its size) stay in
 the CPU caches and their buffers are reused band after band. The kernel's transform is computed per call (one
-small GEMM), never stored beside the weights; inside :func:`workspace` (one denoiser call, one VAE pass, one
-CodeFormer call) it and the band buffers are reused from call to call instead of being page-faulted in anew.
+small GEMM), never stored beside the weights; inside :func:`workspace` (:func:`.scratch.scratch`: one denoiser
+call, one VAE pass, one CodeFormer call) it and the band buffers are reused from call to call instead of being
+page-faulted in anew (64 against 20 ms for the F(2x2) transform of a 1280x1280 kernel).
 """
 from __future__ import annotations
-
-import contextlib
-import threading
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from . import scratch as scratch_buffers
 from .layout import is_channels_last
 
 # G (alpha x 3) of each variant, keyed by the output tile side m (alpha = m + 2 is the input tile side):
@@ -51,32 +49,15 @@ F2_MIN_PIXELS, F2_MIN_WORK = 128, 150_000
 BAND_BYTES = 6 << 20  # transformed input tiles of one band (alpha^2 positions x tiles x channels x 4 bytes)
 
 _KERNEL_MATRICES: dict[tuple[int, torch.device], torch.Tensor] = {}
-_local = threading.local()
+_local = scratch_buffers._local  # the thread's scratch (``.buffers``), shared with the per-layer weight casts
 
-
-@contextlib.contextmanager
-def workspace() -> Iterator[None]:
-    """Within (on this thread): :func:`conv3x3` takes its kernel transform and band buffers from buffers reused
-    call after call, freed on exit. A fresh tensor above glibc's mmap threshold is page-faulted in on every call:
-    64 against 20 ms for the F(2x2) transform of a 1280x1280 kernel. Nested uses share the outer buffers."""
-    previous = getattr(_local, "buffers", None)
-    _local.buffers = {} if previous is None else previous
-    try:
-        yield
-    finally:
-        _local.buffers = previous
+workspace = scratch_buffers.scratch  # within: conv3x3's kernel transform and band buffers are reused, call to call
 
 
 def _empty(name: str, n: int) -> torch.Tensor:
-    """A float32 CPU buffer of ``n`` elements: the workspace's (grown when too small) or a fresh one."""
-    buffers = getattr(_local, "buffers", None)
-    if buffers is None:
-        return torch.empty(n, dtype=torch.float32)
-    flat = buffers.get(name)
-    if flat is None or flat.numel() < n:
-        flat = buffers[name] = None  # drop the smaller buffer before the larger one is made
-        flat = buffers[name] = torch.empty(n, dtype=torch.float32)
-    return flat[:n]
+    """A float32 CPU buffer of ``n`` elements: the scratch's (:mod:`.scratch`) or, outside one, a fresh one."""
+    reused = scratch_buffers.buffer(("winograd", name), n, torch.float32)
+    return torch.empty(n, dtype=torch.float32) if reused is None else reused
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation=(1, 1), groups: int = 1) -> bool:

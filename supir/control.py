@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import winograd
 from . import ops
 from .unet import (Conv2d, CrossAttention, SDXLUNet, Upsample, channel_major, constant_context, decoder_layout,
                    embed, group_norm, make_embeddings, make_encoder, run_layer, unet_config)
@@ -226,7 +225,7 @@ class SupirDiffusion(nn.Module):
         dtype = self.compute_dtype or x_in.dtype
         out_dtype = x_in.dtype
         x_in, context, y, hint = (t.to(dtype) for t in (x_in, context, y, hint))
-        with ops.reused_cast_buffer(), winograd.workspace():
+        with ops.reused_cast_buffer():  # also the Winograd convolutions' scratch (photo_restoration.scratch)
             context = self.text_context(context)
             timesteps = torch.as_tensor(timesteps, device=x_in.device).reshape(-1).expand(x_in.shape[0])
             control = self.control_model(hint, timesteps, x_in, context, y)

@@ -27,7 +27,6 @@ classes in place (the classes add no state), so model code written with ``torch.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groupnorm import group_norm as exact_group_norm
+from .. import scratch as scratch_buffers
 from ..layout import conv1x1 as gemm_conv1x1
 from ..winograd import Conv2d as WinogradConv2d
 
@@ -109,44 +109,28 @@ def _cast(p: torch.Tensor | None, x: torch.Tensor, copy: bool = False) -> torch.
 
 
 REUSE_MIN_NUMEL = 1 << 20  # smaller casts come from the heap without page faults
-_reuse = threading.local()
+_reuse = scratch_buffers._local  # the thread's scratch (``.buffers``), shared with the Winograd convolutions
 
-
-@contextlib.contextmanager
-def reused_cast_buffer() -> Iterator[None]:
-    """Within: :func:`_cast_once` writes large CPU up-casts into one buffer per compute dtype, reused layer after
-    layer and freed on exit (the same values as a fresh cast; only the allocation differs)."""
-    previous = getattr(_reuse, "buffers", None)
-    _reuse.buffers = {}
-    try:
-        yield
-    finally:
-        _reuse.buffers = previous
+# within: :func:`_cast_once` writes large CPU up-casts into one scratch buffer per compute dtype
+# (:mod:`photo_restoration.scratch`), reused layer after layer and freed on exit (the same values as a fresh cast;
+# only the allocation differs)
+reused_cast_buffer = scratch_buffers.scratch
 
 
 def _cast_once(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     """:func:`_cast` for a weight that one op consumes before the next cast on this thread: inside
     :func:`reused_cast_buffer`, a large contiguous 16-bit or fp8 CPU weight is up-cast into the reused buffer."""
-    buffers = getattr(_reuse, "buffers", None)
-    if (buffers is None or p is None or p.dtype == x.dtype or p.device.type != "cpu" or x.device.type != "cpu"
-            or not x.dtype.is_floating_point or not p.dtype.is_floating_point
+    if (not scratch_buffers.active() or p is None or p.dtype == x.dtype or p.device.type != "cpu"
+            or x.device.type != "cpu" or not x.dtype.is_floating_point or not p.dtype.is_floating_point
             or p.numel() < REUSE_MIN_NUMEL or not p.is_contiguous() or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (x.requires_grad or p.requires_grad))):
         return _cast(p, x)
     n = p.numel()
-    out = _reused(buffers, x.dtype, n)
+    out = scratch_buffers.buffer("cast", n, x.dtype)
     if is_fp8(p.dtype):  # the table gather of :func:`fp8_upcast`, its codes and result in reused buffers
-        codes = _reused(buffers, torch.int32, n).copy_(p.view(torch.uint8).reshape(-1))
+        codes = scratch_buffers.buffer("cast", n, torch.int32).copy_(p.view(torch.uint8).reshape(-1))
         return torch.index_select(_fp8_table(p.dtype, x.dtype), 0, codes, out=out).view(p.shape)
     return out.view(p.shape).copy_(p)
-
-
-def _reused(buffers: dict, dtype: torch.dtype, n: int) -> torch.Tensor:
-    flat = buffers.get(dtype)
-    if flat is None or flat.numel() < n:
-        flat = buffers[dtype] = None  # drop every reference to the smaller buffer before the larger one is made
-        flat = buffers[dtype] = torch.empty(n, dtype=dtype)
-    return flat[:n]
 
 
 _FP8_TABLES: dict[tuple[torch.dtype, torch.dtype], torch.Tensor] = {}
