@@ -13,12 +13,16 @@ about 3e-7 (F(2x2), as the direct kernel) and 6e-6 (F(4x4)) of the output's larg
 cuDNN picks Winograd kernels on GPUs the same way; on a CPU ATen never does, which is where this module is used.
 
 The map is processed in bands of tile rows, so the transformed tiles of a band (up to 2.25x its size) stay in
-the CPU caches and their buffers are reused band after band. The kernel's transform is computed per call (one
+the CPU caches and their buffers are reused band after band; a band holds at least 128 tiles where the map has
+them, since the GEMMs of a band stream the whole transformed kernel (with 1280-2560 channels a cache-sized band
+left them 16-64 rows and ran them at half speed: 0.31 against 0.19 s for 1280 channels at 32x32, batch 2). The kernel's transform is computed per call (one
 small GEMM), never stored beside the weights; inside :func:`workspace` (:func:`.scratch.scratch`: one denoiser
 call, one VAE pass, one CodeFormer call) it and the band buffers are reused from call to call instead of being
 page-faulted in anew (64 against 20 ms for the F(2x2) transform of a 1280x1280 kernel).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -42,11 +46,16 @@ _G = {2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
 # 64 channels lose (1.0-1.5x) and 128 break even (0.86-1.04x), while 256+ channels and the UNet's widths still
 # win (0.52-0.76x). The channel minimum therefore grows with the thread count, up to 4x (256 channels from 4
 # threads on: an extrapolation, not measured here).
+# On AVX-512 CPUs (one Intel Xeon with AMX measured, 1 and 2 threads) oneDNN's direct kernel is relatively
+# faster: 64 channels at 512x512 lose at any thread count (1.2-1.5x), 128 channels win (0.75-0.91x), the UNet's
+# widths win as on the AMD core (0.58-0.80x). There the minimum is 128 channels from the first thread on.
 MIN_CHANNELS = 64
+MIN_CHANNELS_AVX512 = 128
 MAX_THREAD_FACTOR = 4
 F4_MIN_PIXELS, F4_MIN_WORK = 1024, 250_000
 F2_MIN_PIXELS, F2_MIN_WORK = 128, 150_000
 BAND_BYTES = 6 << 20  # transformed input tiles of one band (alpha^2 positions x tiles x channels x 4 bytes)
+MIN_BAND_TILES = 128  # ... but at least this many tiles (GEMM rows) per band, where the map has them
 
 _KERNEL_MATRICES: dict[tuple[int, torch.device], torch.Tensor] = {}
 _local = scratch_buffers._local  # the thread's scratch (``.buffers``), shared with the per-layer weight casts
@@ -72,12 +81,26 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation=(1,
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
+@functools.cache
+def wide_vectors() -> bool:
+    """Whether ATen runs this CPU's AVX-512 kernels (oneDNN's direct convolution is then relatively faster)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def channel_minimum() -> int:
+    """The fewest channels (min of in and out) for which a Winograd convolution beats the direct kernel here:
+    64 per thread up to 4 threads, and at least 128 on AVX-512 CPUs."""
+    threads = min(max(torch.get_num_threads(), 1), MAX_THREAD_FACTOR)
+    return max(MIN_CHANNELS * threads, MIN_CHANNELS_AVX512 if wide_vectors() else 0)
+
+
 def tile_size(x: torch.Tensor, weight: torch.Tensor) -> int:
     """The output tile side for ``x`` and a [Co, Ci, 3, 3] ``weight``: 4 on large maps, 2 on smaller maps with
-    many channels, 0 where the direct kernel is faster (too few channels for this thread count, too small a map)."""
+    many channels, 0 where the direct kernel is faster (too few channels for this CPU and thread count, too small
+    a map)."""
     channels = min(weight.shape[0], weight.shape[1])
     pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
-    if channels < MIN_CHANNELS * min(max(torch.get_num_threads(), 1), MAX_THREAD_FACTOR):
+    if channels < channel_minimum():
         return 0
     if pixels >= F4_MIN_PIXELS:
         return 4 if pixels * channels >= F4_MIN_WORK else 0
@@ -194,7 +217,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m:
     src = x.permute(0, 2, 3, 1)  # [B, H, W, C] (a view when x is channels-last)
     out = torch.empty(b, h, w, co, dtype=x.dtype)
     exact = h % m == 0 and w % m == 0
-    band = max(1, min(th, BAND_BYTES // (a * a * b * tw * max(c, co) * 4)))
+    # a band's GEMMs need rows (tiles) enough to amortise streaming the transformed kernel: with many channels
+    # the cache budget alone would leave them 16-64 rows
+    band = max(1, min(th, max(BAND_BYTES // (a * a * b * tw * max(c, co) * 4), -(-MIN_BAND_TILES // (b * tw)))))
     # one flat buffer per intermediate, viewed at the band's size (the last band may be shorter and stays dense)
     shapes = {"xin": (b, m * band + 2, wp, c), "rows": (a, b, band, wp, c), "tmp_rows": (2, b, band, wp, c),
               "v": (a, a, b, band, tw, c), "tmp_cols": (2, a, b, band, tw, c), "m": (a * a, b * band * tw, co),

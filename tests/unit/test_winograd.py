@@ -39,11 +39,12 @@ def test_conv3x3_equals_the_direct_convolution(shape, channels_last, bias, tile)
 
 
 @pytest.mark.parametrize("tile", [2, 4])
-@pytest.mark.parametrize("band_bytes", [1, 40_000])
-def test_bands_cover_the_map_exactly(monkeypatch, tile, band_bytes):
-    """Several bands of tile rows (one per band, or a few with a shorter last one), on a map whose size is no
-    multiple of the tile."""
+@pytest.mark.parametrize("band_bytes, min_tiles", [(1, 0), (40_000, 0), (1, 12)])
+def test_bands_cover_the_map_exactly(monkeypatch, tile, band_bytes, min_tiles):
+    """Several bands of tile rows (one per band, a few with a shorter last one, or as many as the minimum of
+    GEMM rows asks for), on a map whose size is no multiple of the tile."""
     monkeypatch.setattr(winograd, "BAND_BYTES", band_bytes)
+    monkeypatch.setattr(winograd, "MIN_BAND_TILES", min_tiles)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 19, 10, generator=g)
     w, b = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
@@ -61,7 +62,9 @@ def test_full_width_accuracy(tile):
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(monkeypatch):
+    """One thread on an AVX2 CPU (the rule's reference machine), whatever runs the tests."""
+    monkeypatch.setattr(winograd, "wide_vectors", lambda: False)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -69,6 +72,7 @@ def one_thread():
 
 
 def test_channel_minimum_grows_with_the_threads(monkeypatch):
+    monkeypatch.setattr(winograd, "wide_vectors", lambda: False)
     x, w = torch.zeros(1, 128, 512, 512), torch.zeros(128, 128, 3, 3)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert winograd.tile_size(x, w) == 4
@@ -78,6 +82,16 @@ def test_channel_minimum_grows_with_the_threads(monkeypatch):
     assert winograd.tile_size(x, w) == 0  # 256 from 4 threads on
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
     assert winograd.tile_size(x, torch.zeros(256, 256, 3, 3)) == 4
+
+
+def test_avx512_cpus_need_128_channels_from_the_first_thread(monkeypatch):
+    assert isinstance(winograd.wide_vectors(), bool)
+    monkeypatch.setattr(winograd, "wide_vectors", lambda: True)
+    x64, w64 = torch.zeros(1, 64, 512, 512), torch.zeros(64, 64, 3, 3)
+    x128, w128 = torch.zeros(1, 128, 512, 512), torch.zeros(128, 128, 3, 3)
+    for threads, c64, c128 in ((1, 0, 4), (2, 0, 4), (4, 0, 0)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
+        assert (winograd.tile_size(x64, w64), winograd.tile_size(x128, w128)) == (c64, c128)
 
 
 def test_tile_size_follows_the_map_and_the_channels(one_thread):
