@@ -62,9 +62,8 @@ def test_full_width_accuracy(tile):
 
 
 @pytest.fixture
-def one_thread(monkeypatch):
-    """One thread on an AVX2 CPU (the rule's reference machine), whatever runs the tests."""
-    monkeypatch.setattr(winograd, "wide_vectors", lambda: False)
+def one_thread():
+    """One thread, whatever runs the tests."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -72,7 +71,6 @@ def one_thread(monkeypatch):
 
 
 def test_channel_minimum_grows_with_the_threads(monkeypatch):
-    monkeypatch.setattr(winograd, "wide_vectors", lambda: False)
     x, w = torch.zeros(1, 128, 512, 512), torch.zeros(128, 128, 3, 3)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert winograd.tile_size(x, w) == 4
@@ -82,16 +80,6 @@ def test_channel_minimum_grows_with_the_threads(monkeypatch):
     assert winograd.tile_size(x, w) == 0  # 256 from 4 threads on
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
     assert winograd.tile_size(x, torch.zeros(256, 256, 3, 3)) == 4
-
-
-def test_avx512_cpus_need_128_channels_from_the_first_thread(monkeypatch):
-    assert isinstance(winograd.wide_vectors(), bool)
-    monkeypatch.setattr(winograd, "wide_vectors", lambda: True)
-    x64, w64 = torch.zeros(1, 64, 512, 512), torch.zeros(64, 64, 3, 3)
-    x128, w128 = torch.zeros(1, 128, 512, 512), torch.zeros(128, 128, 3, 3)
-    for threads, c64, c128 in ((1, 0, 4), (2, 0, 4), (4, 0, 0)):
-        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
-        assert (winograd.tile_size(x64, w64), winograd.tile_size(x128, w128)) == (c64, c128)
 
 
 def test_tile_size_follows_the_map_and_the_channels(one_thread):
