@@ -27,6 +27,12 @@ def _scale(s: Scale, like: torch.Tensor) -> Scale:
     return s
 
 
+def _is_one(s: Scale) -> bool:
+    """Whether the control scale is the plain number 1 (the default): then ``h * s + h_raw * (1 - s)`` equals
+    ``h`` for finite values (up to the sign of a zero)."""
+    return not isinstance(s, torch.Tensor) and s == 1.0
+
+
 class ZeroSFT(nn.Module):
     """Spatial feature transform of the decoder stream by a control feature (+ zero conv), blended by s."""
 
@@ -42,14 +48,17 @@ class ZeroSFT(nn.Module):
     def forward(self, c: torch.Tensor, h: torch.Tensor, h_ori: torch.Tensor | None = None,
                 control_scale: Scale = 1.0) -> torch.Tensor:
         concat = h_ori is not None and self.pre_concat
-        h_raw = torch.cat([h_ori, h], dim=1) if concat else h
-        h = h + self.zero_conv(c)
+        full = _is_one(control_scale)  # h * 1 + h_raw * 0 is h: the blend and h_raw are skipped
+        h_raw = None if full else (torch.cat([h_ori, h], dim=1) if concat else h)
+        h = self.zero_conv(c).add_(h)  # h + zero_conv(c), summed in the fresh conv output
         if concat:
             h = torch.cat([h_ori, h], dim=1)
         actv = self.mlp_shared(c)
-        h = self.param_free_norm(h) * (self.zero_mul(actv) + 1) + self.zero_add(actv)
+        h = self.param_free_norm(h).mul_(self.zero_mul(actv).add_(1)).add_(self.zero_add(actv))
         if h_ori is not None and not self.pre_concat:
             h = torch.cat([h_ori, h], dim=1)
+        if full:
+            return h
         s = _scale(control_scale, h)
         return h * s + h_raw * (1 - s)
 

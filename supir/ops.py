@@ -270,6 +270,24 @@ def _linear_cm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
     return out.view(w.shape[0], *x.shape[1:])
 
 
+def linear_scratch(layer: nn.Module, x: torch.Tensor, key: str) -> torch.Tensor | None:
+    """``layer(x)`` written into the reused scratch buffer ``key`` (:mod:`photo_restoration.scratch`) for a float32
+    CPU input inside a scratch, else None. For a large intermediate that one op consumes (the GEGLU projection: up
+    to 2048 x 10240 values at 512 px, a fresh one of which is page-faulted in on every block). The result is
+    overwritten by the next user of ``key``."""
+    if (not scratch_buffers.active() or x.device.type != "cpu" or x.dtype != torch.float32
+            or torch.compiler.is_compiling() or torch.is_grad_enabled()):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    with layer_weights(layer, x) as (w, b):
+        out = scratch_buffers.buffer(("linear", key), x2.shape[0] * w.shape[0], x.dtype).view(x2.shape[0], w.shape[0])
+        if b is None:
+            torch.mm(x2, w.t(), out=out)
+        else:
+            torch.addmm(b, x2, w.t(), out=out)
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
 def layer_norm_cm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` of a LayerNorm over the first dimension of channel-major tokens ``[C, ...]``; the
     result is a channel-major view of token-major storage (the norm needs its channels innermost)."""
