@@ -51,7 +51,8 @@ _AT = {2: ((1, 1, 1, 0), (0, 1, -1, -1)),
 # AMD EPYC core (AVX2), then on an Intel Xeon (AVX-512, AMX) at 1 and 2 threads. "Work" is output pixels over the
 # batch times min(channels in, channels out). F(4x4, 3x3) from 1024 output pixels and a work of 250k up; F(2x2,
 # 3x3) on smaller maps with many channels, where 4x4 tiles leave the GEMMs too few rows (1280 channels at 16x16
-# and at 8x8, batch 2), and its rounding stays at the direct kernel's (3-4e-7 against 5-9e-6 for F(4x4)).
+# and at 8x8, batch 2; the SUPIR UNet sends maps of <= 64 pixels per image to im2col + one GEMM first, faster
+# still there: supir/conv.py), and its rounding stays at the direct kernel's (3-4e-7 against 5-9e-6 for F(4x4)).
 # With more threads oneDNN's direct kernel scales better than the transforms' copies: on the Xeon at 1 thread 64
 # channels at 512x512 win (0.83x of the direct time on a channels-last map), at 2 threads they lose (1.12x) and 128
 # win (0.73-0.75x); the UNet's widths win at any count (0.4-0.8x). The channel minimum therefore grows with the

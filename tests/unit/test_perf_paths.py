@@ -50,6 +50,56 @@ def test_gemm_path_is_used_below_the_size_limit(monkeypatch):
     assert not calls  # 256 output pixels: F.conv2d
 
 
+def test_small_maps_take_the_gemm_path_even_where_winograd_would_apply(monkeypatch):
+    """At <= 64 output pixels per image im2col + one GEMM beats Winograd F(2x2) (1280 channels at 8x8)."""
+    from photo_restoration import winograd
+
+    monkeypatch.setattr(winograd, "tile_size", lambda x, weight: 2)  # Winograd would take anything
+    taken = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: taken.append(1) or real(*a, **k))
+    x, w = torch.randn(2, 8, 8, 8), torch.randn(8, 8, 3, 3)
+    torch.testing.assert_close(conv2d(x, w, None, (1, 1), (1, 1)), F.conv2d(x, w, None, 1, 1), rtol=1e-5, atol=1e-5)
+    assert not taken
+    conv2d(torch.randn(2, 8, 16, 16), w, None, (1, 1), (1, 1))
+    assert taken  # above the GEMM size: Winograd where it applies
+
+
+def test_feed_forward_in_scratch_equals_the_layer_sequence():
+    """The GEGLU projection written into a reused buffer, GELU in place: the official sequence of layers' output."""
+    from photo_restoration import scratch
+
+    torch.manual_seed(3)
+    ff = unetmod.FeedForward(32).eval()
+    x = torch.randn(2, 50, 32)
+    with torch.inference_mode():
+        want = ff.net(x)
+        with scratch.scratch():
+            got = ff(x)
+            again = ff(x + 1)  # the buffer is reused: a second call must not see the first one's values
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(again, ff.net(x + 1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("concat", [0, 32])
+def test_zero_sft_at_scale_one_equals_the_official_blend(concat):
+    """At control scale 1 the blend ``h * s + h_raw * (1 - s)`` is skipped: same output as a per-sample scale of 1."""
+    from photo_restoration.supir.control import ZeroSFT
+
+    torch.manual_seed(4)
+    sft = ZeroSFT(8, 32, concat, hidden=16).eval()
+    for p in sft.parameters():
+        p.data.normal_(0, 0.2)
+    c, h = torch.randn(2, 8, 6, 6), torch.randn(2, 32, 6, 6)
+    h_ori = torch.randn(2, concat, 6, 6) if concat else None
+    with torch.inference_mode():
+        got = sft(c, h, h_ori, control_scale=1.0)
+        want = sft(c, h, h_ori, control_scale=torch.ones(2))
+        half = sft(c, h, h_ori, control_scale=0.5)
+    assert torch.equal(got, want)
+    assert not torch.allclose(half, got)
+
+
 @pytest.mark.parametrize("size,dtype", [(4, torch.float32), (12, torch.float32), (9, torch.float16)])
 def test_upsample_conv_equals_upsampling_then_convolving(size, dtype):
     """Four 2x2 phase convolutions of the input = the 3x3 convolution of the nearest x2 upsampled input
