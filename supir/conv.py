@@ -14,8 +14,9 @@ Official: SGM runs every convolution through ``F.conv2d`` and upsamples with ``F
   convolutions of the *input* (one per output pixel phase, with the 3x3 taps that fall on the same
   source pixel summed), interleaved: 16 instead of 36 multiply-adds per output pixel and channel, and
   the 4x larger upsampled map is never built. Used in float32 only (16-bit weights would round the
-  summed taps). The phase kernels come from :func:`photo_restoration.subpixel.phase_kernels` (one
-  small GEMM per phase: 27 instead of 87 ms for a 1280-channel kernel).
+  summed taps). The phase kernels come from :func:`photo_restoration.subpixel.phase_kernels`. From
+  :data:`UPSAMPLE_WINOGRAD_MIN_CHANNELS` channels on large CPU maps, the upsampled map is built after all and
+  convolved through Winograd F(4x4) (2.25 multiply-adds, the transforms cheap next to the channel GEMMs).
 """
 from __future__ import annotations
 
@@ -26,9 +27,12 @@ from torch import nn
 
 from . import ops
 from ..subpixel import interleaved_output, phase_kernels
-from .. import winograd
+from .. import gemm, winograd
 
 GEMM_CONV_MAX_PIXELS = 64
+# From this many channels a Winograd F(4x4) convolution of the upsampled map beats the four phase convolutions
+# (one Zen 4 core, batch 2: 1280 channels at 16x16 -> 32x32 246 against 313 ms; 640 at 32x32 292 against 258 ms)
+UPSAMPLE_WINOGRAD_MIN_CHANNELS = 1024
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int] = (1, 1),
@@ -43,8 +47,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
         if ho * wo <= GEMM_CONV_MAX_PIXELS:
             co = weight.shape[0]
             cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # [b, K, ho*wo]
-            cols = cols.transpose(0, 1).reshape(cols.shape[1], b * ho * wo)  # [K, b*ho*wo]
             wmat = weight.reshape(co, -1)
+            if gemm.applies(cols.transpose(1, 2), wmat, bias):  # pixel rows, oneDNN
+                rows = cols.transpose(1, 2).reshape(b * ho * wo, cols.shape[1])  # [b*ho*wo, K]
+                out = gemm.linear(rows, wmat, bias)
+                return out.view(b, ho, wo, co).permute(0, 3, 1, 2).contiguous()
+            cols = cols.transpose(0, 1).reshape(cols.shape[1], b * ho * wo)  # [K, b*ho*wo]
             out = torch.addmm(bias[:, None], wmat, cols) if bias is not None else wmat @ cols
             return out.view(co, b, ho, wo).transpose(0, 1).contiguous()
     if winograd.applies(x, weight, stride, padding):
@@ -80,6 +88,11 @@ def _upsample_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     b, _, h, w = x.shape
     co = weight.shape[0]
     small = h * w <= GEMM_CONV_MAX_PIXELS
+    if (not small and not torch.compiler.is_compiling() and co >= UPSAMPLE_WINOGRAD_MIN_CHANNELS
+            and x.shape[1] >= UPSAMPLE_WINOGRAD_MIN_CHANNELS  # and Winograd for the upsampled map's shape:
+            and winograd.applies(x[:, :, :1, :1].expand(b, x.shape[1], 2 * h, 2 * w), weight, (1, 1), (1, 1))):
+        # 2.25 multiply-adds per output value instead of 4
+        return winograd.conv3x3(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias)
     xp = F.pad(x, (1, 1, 1, 1)) if small else None
     result, out = interleaved_output(x, co)  # the 2x map in x's layout; its [b, co, h, a, w, c] view
     for p, kernel in enumerate(phase_kernels(weight)):

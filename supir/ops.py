@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groupnorm import group_norm as exact_group_norm
+from .. import gemm
 from .. import scratch as scratch_buffers
 from ..layout import conv1x1 as gemm_conv1x1
 from ..winograd import Conv2d as WinogradConv2d
@@ -189,8 +190,8 @@ class Linear(nn.Linear, CastWeightBiasOp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._host_managed():
             with cast_weights(self, x) as (w, b):
-                return F.linear(x, w, b)
-        return F.linear(x, _cast_once(self.weight, x), _cast(self.bias, x))
+                return gemm.linear(x, w, b)
+        return gemm.linear(x, _cast_once(self.weight, x), _cast(self.bias, x))
 
 
 class Conv2d(WinogradConv2d, CastWeightBiasOp):
@@ -213,6 +214,23 @@ def layer_weights(layer: nn.Module, x: torch.Tensor):
     if getattr(layer, "_host_managed", None) is not None and layer._host_managed():
         return cast_weights(layer, x)
     return contextlib.nullcontext((_cast_once(layer.weight, x), _cast(layer.bias, x)))
+
+
+def linear_add(layer: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``layer(x) + other`` for a plain or casting Linear, the sum fused into the GEMM where
+    :func:`photo_restoration.gemm.linear_add` can (``other`` unchanged)."""
+    with layer_weights(layer, x) as (w, b):
+        return gemm.linear_add(x, other, w, b)
+
+
+def geglu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``a * gelu(gate)`` with ``a, gate = layer(x).chunk(2, -1)`` (SGM's GEGLU) for a plain or casting Linear:
+    two GEMMs over the weight's halves, the GELU and the product fused into them where
+    :mod:`photo_restoration.gemm` can (the ``2 x`` wide projection is never built)."""
+    with layer_weights(layer, x) as (w, b):
+        n = w.shape[0] // 2
+        gate = gemm.linear_gelu(x, w[n:], None if b is None else b[n:])
+        return gemm.linear_mul(x, gate, w[:n], None if b is None else b[:n])
 
 
 def conv1x1(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -268,24 +286,6 @@ def _linear_cm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
     x2 = x.reshape(x.shape[0], -1)
     out = torch.mm(w, x2) if b is None else torch.addmm(b[:, None], w, x2)
     return out.view(w.shape[0], *x.shape[1:])
-
-
-def linear_scratch(layer: nn.Module, x: torch.Tensor, key: str) -> torch.Tensor | None:
-    """``layer(x)`` written into the reused scratch buffer ``key`` (:mod:`photo_restoration.scratch`) for a float32
-    CPU input inside a scratch, else None. For a large intermediate that one op consumes (the GEGLU projection: up
-    to 2048 x 10240 values at 512 px, a fresh one of which is page-faulted in on every block). The result is
-    overwritten by the next user of ``key``."""
-    if (not scratch_buffers.active() or x.device.type != "cpu" or x.dtype != torch.float32
-            or torch.compiler.is_compiling() or torch.is_grad_enabled()):
-        return None
-    x2 = x.reshape(-1, x.shape[-1])
-    with layer_weights(layer, x) as (w, b):
-        out = scratch_buffers.buffer(("linear", key), x2.shape[0] * w.shape[0], x.dtype).view(x2.shape[0], w.shape[0])
-        if b is None:
-            torch.mm(x2, w.t(), out=out)
-        else:
-            torch.addmm(b, x2, w.t(), out=out)
-    return out.view(*x.shape[:-1], w.shape[0])
 
 
 def layer_norm_cm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

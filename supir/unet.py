@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .. import gemm
 from .conv import conv2d, upsample_conv3x3
 from .embeddings import timestep_embedding
 
@@ -116,9 +117,11 @@ def channel_major(x: torch.Tensor) -> bool:
     [B, C, H, W]: float32 on the CPU with at most :data:`CHANNEL_MAJOR_MAX_ROWS` tokens in the batch, where every
     Linear as ``weight @ tokens`` (:func:`ops.linear_cm`) runs 15-20 % faster than ``tokens @ weight.T``
     (the 8x8 level of a 256 px call); above that the GEMMs are equal and the transposes would cost more.
-    Elsewhere the tokens stay token-major ``[B, N, C]``."""
+    Not where the linear layers run through oneDNN (:mod:`photo_restoration.gemm`), which is faster still on
+    token-major rows (103-109 against MKL's 89-102 GFLOP/s at 128 rows on a Zen 4 core). Elsewhere the tokens
+    stay token-major ``[B, N, C]``."""
     return (CHANNEL_MAJOR_ON_CPU and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.shape[0] * x.shape[2] * x.shape[3] <= CHANNEL_MAJOR_MAX_ROWS)
+            and x.shape[0] * x.shape[2] * x.shape[3] <= CHANNEL_MAJOR_MAX_ROWS and not gemm.runs_on(x))
 
 
 CHANNEL_MAJOR_MAX_ROWS = 128  # measured on a 2-core AVX-512 CPU (bench/side_by_side.md)
@@ -163,12 +166,15 @@ class CrossAttention(nn.Module):
         self._kv_key: tuple | None = None
         self._kv_context: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``x`` over ``context`` (+ ``residual``, summed inside the output GEMM where it can)."""
         if context is None:
             k, v = self.to_k(x), self.to_v(x)
         else:
             k, v = self.context_kv(context)
-        return self.to_out(attention(self.to_q(x), k, v, self.heads))
+        h = attention(self.to_q(x), k, v, self.heads)
+        return self.to_out(h) if residual is None else ops.linear_add(self.to_out[0], h, residual)
 
     def forward_cm(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`forward` for channel-major ``x`` [C, B, N]; ``context`` (if any) stays token-major."""
@@ -215,14 +221,15 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), ops.Linear(dim * mult, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.net[0].proj
-        h = ops.linear_scratch(proj, x, "geglu")
-        if h is None:  # no scratch here: the official sequence of layers
-            return self.net(x)
-        # GEGLU in the reused buffer: a * gelu(gate), the GELU in place on the gate view (bit for bit F.gelu of it)
-        a, gate = h.chunk(2, dim=-1)
-        return self.net[2](a.mul_(torch.ops.aten.gelu_(gate)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``net(x)`` (+ ``residual``). On float32 CPU tokens the GEGLU and the sum run inside the GEMMs
+        (:func:`.ops.geglu`, :func:`.ops.linear_add`)."""
+        proj, out = self.net[0].proj, self.net[2]
+        if not gemm.runs_on(x):  # the official sequence of layers
+            h = self.net(x)
+            return h if residual is None else h.add_(residual)
+        h = ops.geglu(proj, x)
+        return out(h) if residual is None else ops.linear_add(out, h, residual)
 
     def forward_cm(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = ops.linear_cm(self.net[0].proj, x).chunk(2, dim=0)
@@ -240,10 +247,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = ops.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # each sum lands in the fresh branch output (a + b == b + a in floating point)
-        x = self.attn1(self.norm1(x)).add_(x)
-        x = self.attn2(self.norm2(x), context).add_(x)
-        return self.ff(self.norm3(x)).add_(x)
+        # each residual sum inside the branch's last GEMM or in its fresh output (a + b == b + a in floating point)
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
     def forward_cm(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` on channel-major tokens [C, B, N] (each sum lands in the fresh branch output)."""

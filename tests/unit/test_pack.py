@@ -40,7 +40,7 @@ def python_files(*dirs):
         yield from (ROOT / d).rglob("*.py")
 
 
-SHARED_MODULES = {"weightfile", "subpixel", "winograd", "scratch", "groupnorm", "layout"}  # pack-root modules every model family uses (no ComfyUI, no nodes)
+SHARED_MODULES = {"weightfile", "subpixel", "winograd", "scratch", "groupnorm", "layout", "gemm"}  # pack-root modules every model family uses (no ComfyUI, no nodes)
 
 
 def test_model_code_never_imports_comfyui_or_nodes():
