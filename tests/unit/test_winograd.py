@@ -39,6 +39,24 @@ def test_conv3x3_equals_the_direct_convolution(shape, channels_last, bias, tile)
 
 
 @pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_channel_gemms_per_position_or_batched_give_the_convolution(monkeypatch, tile, onednn):
+    """The channel GEMMs one oneDNN call per transform position, or one batched MKL call: the same convolution."""
+    from photo_restoration import gemm
+
+    monkeypatch.setattr(winograd, "ONEDNN_MIN_CHANNELS", 0 if onednn else 1 << 30)
+    calls = []
+    linear = gemm.linear
+    monkeypatch.setattr(gemm, "linear", lambda *a: calls.append(1) or linear(*a))
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(2, 12, 11, 10, generator=g), torch.randn(9, 12, 3, 3, generator=g), torch.randn(9, generator=g)
+    with torch.inference_mode():
+        got = winograd.conv3x3(x, w, b, tile)
+    assert _rel(got, _reference(x, w, b)) < 3e-5
+    assert bool(calls) == (onednn and gemm.runs_on(x))
+
+
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("band_bytes, min_tiles", [(1, 0), (40_000, 0), (1, 12)])
 def test_bands_cover_the_map_exactly(monkeypatch, tile, band_bytes, min_tiles):
     """Several bands of tile rows (one per band, a few with a shorter last one, or as many as the minimum of
