@@ -64,7 +64,7 @@ F4_MIN_PIXELS, F4_MIN_WORK = 1024, 250_000
 F2_MIN_PIXELS, F2_MIN_WORK = 128, 150_000
 BAND_BYTES = 6 << 20  # transformed input tiles of one band (alpha^2 positions x tiles x channels x 4 bytes)
 MIN_BAND_TILES = 128  # ... but at least this many tiles (GEMM rows) per band, where the map has them
-ONEDNN_MIN_CHANNELS = 640  # channel GEMMs one position at a time through oneDNN from here (channel_gemms)
+ONEDNN_MIN_CHANNELS = 640  # per thread: channel GEMMs one position at a time through oneDNN (channel_gemms)
 
 _MATRICES: dict[tuple[str, int], torch.Tensor] = {}
 _local = scratch_buffers._local  # the thread's scratch (``.buffers``), shared with the per-layer weight casts
@@ -148,9 +148,11 @@ def kernel_transform(weight: torch.Tensor, m: int = 4, out: torch.Tensor | None 
 
 def channel_gemms(v: torch.Tensor, u: torch.Tensor, ut: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[p] = v[p] @ u[p].T`` for every transform position ``p`` (``ut`` is ``u.transpose(1, 2)``): one batched
-    MKL GEMM, or from :data:`ONEDNN_MIN_CHANNELS` channels one oneDNN GEMM per position (:mod:`.gemm`; 4-10 %
-    faster at 640-2560 channels on a Zen 4 core, even at 320, slower at 128)."""
-    if min(u.shape[1:]) >= ONEDNN_MIN_CHANNELS and gemm.applies(v[0], u[0]):
+    MKL GEMM, or from :data:`ONEDNN_MIN_CHANNELS` channels per thread (up to 4 threads) one oneDNN GEMM per
+    position (:mod:`.gemm`). On a Zen 4 core, 128 tiles: 2-7 % faster at 640-2560 channels with 1 thread, even at
+    320, slower at 128; with 2 threads 2-8 % faster at 1280-2560 channels, 8 % slower at 640."""
+    if min(u.shape[1:]) >= ONEDNN_MIN_CHANNELS * min(max(torch.get_num_threads(), 1), MAX_THREAD_FACTOR) \
+            and gemm.applies(v[0], u[0]):
         for p in range(v.shape[0]):
             out[p].copy_(gemm.linear(v[p], u[p]))
         return out
