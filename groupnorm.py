@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 1 << 15  # elements per group and chunk: the chunk's centred copy stays in cache
+# channels-last maps: elements per sample and chunk of pixel rows (a [n, rows, c] chunk of 2 MiB per sample;
+# 32k-element chunks spent their time dispatching: 9.2 against 5.7 ms for 2 x 960 x 64 x 64, 49 against 15 ms
+# for 128 x 512 x 512 at 2 threads, one Zen 4 core)
+NHWC_CHUNK = 1 << 19
 MIN_ELEMENTS = 1 << 21  # per sample, contiguous maps: below this ATen's fused kernel wins even into a new map
 
 
@@ -34,7 +38,7 @@ def fast_path(x: torch.Tensor, into_buffer: bool) -> bool:
     """Whether :func:`group_norm` computes ``x`` itself rather than through ATen: float32 on the CPU, 4-D, and
     either channels-last (always: ATen's is inexact there) or contiguous, large enough and written into a
     buffer (into a new map ATen's fused kernel is as fast)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
     layout = _layout(x)
     return layout == "nhwc" or (layout == "nchw" and into_buffer and x.numel() >= MIN_ELEMENTS * x.shape[0])
@@ -71,7 +75,7 @@ def _stats_nhwc(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tenso
     vectorised along the channels), then joined into groups."""
     n, c, h, w = x.shape
     xv = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of channels-last storage
-    rows = max(1, CHUNK // c)
+    rows = max(1, NHWC_CHUNK // c)
     tmp = torch.empty(n, min(rows, h * w), c, dtype=x.dtype)
     means, m2, counts = [], [], []
     for s in range(0, h * w, rows):

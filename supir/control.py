@@ -11,7 +11,7 @@ from torch import nn
 
 from . import ops
 from .unet import (Conv2d, CrossAttention, SDXLUNet, Upsample, channel_major, constant_context, decoder_layout,
-                   embed, group_norm, make_embeddings, make_encoder, run_layer, unet_config)
+                   embed, group_norm, make_embeddings, make_encoder, map_layout, run_layer, unet_config)
 
 Scale = float | torch.Tensor
 
@@ -234,9 +234,11 @@ class SupirDiffusion(nn.Module):
         dtype = self.compute_dtype or x_in.dtype
         out_dtype = x_in.dtype
         x_in, context, y, hint = (t.to(dtype) for t in (x_in, context, y, hint))
+        if not getattr(self, "compiled", False):  # a compiled graph keeps the layout it was traced with
+            x_in, hint = map_layout(x_in), map_layout(hint)
         with ops.reused_cast_buffer():  # also the Winograd convolutions' scratch (photo_restoration.scratch)
             context = self.text_context(context)
             timesteps = torch.as_tensor(timesteps, device=x_in.device).reshape(-1).expand(x_in.shape[0])
             control = self.control_model(hint, timesteps, x_in, context, y)
             eps = self.diffusion_model(x_in, timesteps, context, y, control, control_scale)
-        return eps.to(out_dtype)
+        return eps.to(out_dtype).contiguous()

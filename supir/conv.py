@@ -28,8 +28,14 @@ from torch import nn
 from . import ops
 from ..subpixel import interleaved_output, phase_kernels
 from .. import gemm, winograd
+from ..layout import is_channels_last
 
 GEMM_CONV_MAX_PIXELS = 64
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
 # From this many channels a Winograd F(4x4) convolution of the upsampled map beats the four phase convolutions
 # (one Zen 4 core, batch 2: 1280 channels at 16x16 -> 32x32 246 against 313 ms; 640 at 32x32 292 against 258 ms)
 UPSAMPLE_WINOGRAD_MIN_CHANNELS = 1024
@@ -50,11 +56,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
             wmat = weight.reshape(co, -1)
             if gemm.applies(cols.transpose(1, 2), wmat, bias):  # pixel rows, oneDNN
                 rows = cols.transpose(1, 2).reshape(b * ho * wo, cols.shape[1])  # [b*ho*wo, K]
-                out = gemm.linear(rows, wmat, bias)
-                return out.view(b, ho, wo, co).permute(0, 3, 1, 2).contiguous()
+                out = gemm.linear(rows, wmat, bias).view(b, ho, wo, co).permute(0, 3, 1, 2)
+                return out if is_channels_last(x) else out.contiguous()
             cols = cols.transpose(0, 1).reshape(cols.shape[1], b * ho * wo)  # [K, b*ho*wo]
             out = torch.addmm(bias[:, None], wmat, cols) if bias is not None else wmat @ cols
-            return out.view(co, b, ho, wo).transpose(0, 1).contiguous()
+            return out.view(co, b, ho, wo).transpose(0, 1).contiguous(memory_format=_layout_of(x))
     if winograd.applies(x, weight, stride, padding):
         return winograd.conv3x3(x, weight, bias)
     return F.conv2d(x, weight, bias, stride, padding)

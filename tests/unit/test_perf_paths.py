@@ -224,3 +224,37 @@ def test_fp8_table_upcast_is_bit_identical_to_torch(fp8, dtype):
     assert got.shape == want.shape and got.dtype == dtype
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert torch.equal(got.view(bits), want.view(bits))  # NaN payloads included
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_channels_last_feature_maps_give_the_contiguous_eps(tiny_diffusion, monkeypatch, size):
+    """On float32 CPU inputs the UNet and control maps run channels-last (the transformers read their storage as
+    tokens, the convolutions gather from it); the eps equals the contiguous-map path's and comes back contiguous."""
+    m = tiny_diffusion
+    g = torch.Generator().manual_seed(7)
+    x, hint = torch.randn(2, 4, size, size, generator=g), torch.randn(2, 4, size, size, generator=g)
+    _, t, ctx, y, _ = _inputs(7)
+    layouts = []
+    hooks = [mod.register_forward_pre_hook(lambda _, args: layouts.append(unetmod.is_channels_last(args[0])))
+             for mod in m.modules() if isinstance(mod, (unetmod.ResBlock, unetmod.SpatialTransformer))]
+    try:
+        monkeypatch.setattr(unetmod, "CHANNELS_LAST_ON_CPU", False)
+        want = _run(m, x, t, ctx, y, hint, cache=False)
+        assert layouts and not any(layouts)
+        layouts.clear()
+        monkeypatch.setattr(unetmod, "CHANNELS_LAST_ON_CPU", True)
+        got = _run(m, x, t, ctx, y, hint, cache=False)
+        assert layouts and all(layouts)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert got.is_contiguous() and x.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_maps_only_for_float32_cpu_inference():
+    x = torch.randn(1, 4, 8, 8)
+    assert unetmod.channels_last_maps(x)
+    assert not unetmod.channels_last_maps(x.to(torch.bfloat16))
+    assert not unetmod.channels_last_maps(x.requires_grad_())
+    assert unetmod.map_layout(torch.randn(1, 4, 8, 8, dtype=torch.float16)).is_contiguous()
