@@ -146,6 +146,22 @@ def test_workspace_reuses_its_buffers_and_frees_them():
     assert torch.equal(first, fresh) and torch.equal(second, fresh)
 
 
+def test_a_scratch_buffer_starts_at_the_largest_size_its_key_needed_before():
+    """A buffer grown step by step would be faulted in anew at each step, in every call: the next scratch
+    allocates the largest size at once, and later smaller and larger requests share that memory."""
+    from photo_restoration import scratch
+
+    key = ("test-largest", 1)
+    assert scratch.buffer(key, 10, torch.float32) is None  # outside a scratch
+    with scratch.scratch():
+        scratch.buffer(key, 10, torch.float32)
+        scratch.buffer(key, 4000, torch.float32)
+    with scratch.scratch():
+        small = scratch.buffer(key, 10, torch.float32)
+        large = scratch.buffer(key, 4000, torch.float32)
+        assert small.numel() == 10 and large.numel() == 4000 and small.data_ptr() == large.data_ptr()
+
+
 @pytest.fixture
 def counted(monkeypatch):
     calls = []
