@@ -12,8 +12,8 @@ runs 15-20 % faster than ``tokens @ weight.T`` at 128 rows; cross-attention keys
 unchanged text context are reused (:class:`CrossAttention`). Float32 CPU feature maps run channels-last
 (:func:`channels_last_maps`): a transformer reads the map's storage as its tokens and sums its output into the
 map inside ``proj_out``'s GEMM, the Winograd convolutions gather their tiles from it without a transposition,
-and 1x1 convolutions are one GEMM over its pixel rows (512 px call, one Zen 4 core: 41.0 -> 39.9 s in
-copies and layout conversions saved); the eps comes back contiguous.
+and 1x1 convolutions are one GEMM over its pixel rows (512 px call, CFG batch 2, one Zen 4 core: 40.2-40.4
+against 39.4-39.5 s, in copies saved); the eps comes back contiguous.
 """
 from __future__ import annotations
 
