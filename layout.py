@@ -1,4 +1,5 @@
-"""Channels-last maps on the CPU, shared by the model families (SUPIR's VAE, CodeFormer's autoencoder).
+"""Channels-last maps on the CPU, shared by the model families (SUPIR's VAE, UNet and control adapter,
+CodeFormer's autoencoder).
 
 oneDNN's float32 3x3 convolutions run 10-30 % faster on channels-last maps of 64-256 channels (measured on
 Intel and AMD cores); the pack keeps such maps channels-last from one convolution to the next, with the
