@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import gemm
+
 
 def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -24,13 +26,24 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def pixel_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """The ``[n, h*w, c]`` rows (a view) of a channels-last map's storage, else None."""
+    if not is_channels_last(x):
+        return None
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+
+
+def map_of_rows(rows: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The channels-last ``[n, c, h, w]`` map (a view) of contiguous rows ``[n, h*w, c]``."""
+    n, _, c = rows.shape
+    return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1x1 kernel; a channels-last ``x`` goes through one GEMM on its
-    ``[n*h*w, c]`` storage and gives a channels-last result."""
-    if not (is_channels_last(x) and weight.dtype == x.dtype and weight.device == x.device):
+    ``[n*h*w, c]`` storage (oneDNN where :mod:`.gemm` runs) and gives a channels-last result."""
+    rows = pixel_rows(x)
+    if rows is None or weight.dtype != x.dtype or weight.device != x.device:
         return F.conv2d(x, weight, bias)
-    n, c, h, w = x.shape
-    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view of the storage
-    wt = weight.reshape(weight.shape[0], c).t()
-    out = torch.addmm(bias, rows, wt) if bias is not None else rows @ wt
-    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+    return map_of_rows(gemm.linear(rows, weight.reshape(weight.shape[0], -1), bias), x.shape[2], x.shape[3])

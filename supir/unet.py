@@ -25,7 +25,7 @@ from torch import nn
 
 from . import ops
 from .. import gemm
-from ..layout import is_channels_last
+from ..layout import conv1x1, is_channels_last, map_of_rows, pixel_rows
 from .conv import conv2d, upsample_conv3x3
 from .embeddings import timestep_embedding
 
@@ -81,20 +81,6 @@ def map_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last_maps(x) else x
 
 
-def tokens_of(x: torch.Tensor) -> torch.Tensor | None:
-    """The ``[B, H*W, C]`` token view of a channels-last map's storage, else None."""
-    if x.dim() == 4 and is_channels_last(x):
-        b, c, h, w = x.shape
-        return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-    return None
-
-
-def map_of(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The channels-last ``[B, C, h, w]`` map view of contiguous tokens ``[B, h*w, C]``."""
-    b, _, c = t.shape
-    return t.view(b, h, w, c).permute(0, 3, 1, 2)
-
-
 class Conv2d(ops.Conv2d):
     """The casting Conv2d of :mod:`.ops` with :func:`conv2d`'s small-map CPU path; 1x1 convolutions of
     channels-last maps as one GEMM over the pixel rows."""
@@ -103,11 +89,9 @@ class Conv2d(ops.Conv2d):
         if (self.padding_mode != "zeros" or self.groups != 1 or self.dilation != (1, 1)
                 or isinstance(self.padding, str)):
             return super()._conv_forward(x, weight, bias)
-        if tuple(weight.shape[-2:]) == (1, 1) and self.stride == (1, 1) and tuple(self.padding) == (0, 0):
-            rows = tokens_of(x)
-            w2 = weight.reshape(weight.shape[0], -1)
-            if rows is not None and gemm.applies(rows, w2, bias):
-                return map_of(gemm.linear(rows, w2, bias), x.shape[2], x.shape[3])
+        if (tuple(weight.shape[-2:]) == (1, 1) and self.stride == (1, 1) and tuple(self.padding) == (0, 0)
+                and is_channels_last(x)):
+            return conv1x1(x, weight, bias)
         return conv2d(x, weight, bias, self.stride, self.padding)
 
 
@@ -320,12 +304,12 @@ class SpatialTransformer(nn.Module):
                 t = block.forward_cm(t, context)
             t = ops.linear_cm(self.proj_out, t)
             return x + t.transpose(0, 1).reshape(b, c, h, w)  # x first: the sum takes x's layout
-        xt = tokens_of(x)
+        xt = pixel_rows(x)
         if xt is not None and gemm.runs_on(x):  # channels-last: the map's storage is the tokens
-            t = self.proj_in(tokens_of(self.norm(x)).contiguous())
+            t = self.proj_in(pixel_rows(self.norm(x)).contiguous())
             for block in self.transformer_blocks:
                 t = block(t, context)
-            return map_of(ops.linear_add(self.proj_out, t, xt), h, w)  # + x inside the GEMM
+            return map_of_rows(ops.linear_add(self.proj_out, t, xt), h, w)  # + x inside the GEMM
         # tokens made contiguous once: a strided [B, HW, C] input would make every Linear a batched GEMM
         # that packs its weight once per sample
         t = self.norm(x).flatten(2).transpose(1, 2).contiguous()
